@@ -1,0 +1,51 @@
+# laps: one entry point for every way of working with the project.
+#   make test        export/clean sync check, notebook tests (nbdev_test), fast pytest suite
+#   make test-slow   end-to-end and multi-process tests (pytest -m slow)
+#   make lab         JupyterLab on nbs/
+#   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The small CPU wheel of torch lies on disk on the project's CPU machines; on a GPU machine
+# override it (make TORCH_SPEC="torch" ...) or keep the torch already in the environment.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.laps-installed
+
+.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP)
+	$(BIN)/nbdev_clean
+
+readme: $(STAMP)
+	$(BIN)/python .ci/make_readme.py
+
+# Fails when nbdev_export, nbdev_clean or the README generator would change a file.
+sync-check: $(STAMP)
+	$(BIN)/python .ci/sync_check.py
+
+test-nbs: $(STAMP)
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+test-py: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test: sync-check test-nbs test-py
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab nbs
