@@ -196,9 +196,10 @@ def test_corrupt_or_incomplete_folder(tiny_vit, tiny_bert, tmp_path):
 
 # ---------------------------------------------------------------- transformers 4 -> 5 key mapping
 
-def test_recorded_transformers4_names_are_the_old_layout():
-    vit, swin, bert = (T4['models'][n]['state_dict'] for n in ('vit', 'swin', 'bert'))
-    assert T4['transformers_version'].startswith('4.')
+@pytest.mark.parametrize('version', sorted(T4['versions']))
+def test_recorded_transformers4_names_are_the_old_layout(version):
+    vit, swin, bert = (T4['versions'][version]['models'][n]['state_dict'] for n in ('vit', 'swin', 'bert'))
+    assert version.startswith('4.')
     for k in ('encoder.layer.0.attention.attention.query.weight', 'encoder.layer.0.attention.output.dense.weight',
               'encoder.layer.0.intermediate.dense.weight', 'encoder.layer.0.output.dense.weight',
               'encoder.layer.0.layernorm_before.weight', 'pooler.dense.weight'):
@@ -206,20 +207,22 @@ def test_recorded_transformers4_names_are_the_old_layout():
     for k in ('encoder.layers.0.blocks.0.attention.self.query.weight', 'encoder.layers.0.blocks.0.attention.self.relative_position_bias_table',
               'encoder.layers.0.blocks.0.attention.self.relative_position_index', 'encoder.layers.0.blocks.0.intermediate.dense.weight'):
         assert k in swin, k
-    assert 'embeddings.position_ids' not in bert                             # non-persistent since transformers 4.31
+    assert ('embeddings.position_ids' in bert) == (version == '4.30.2')       # non-persistent since transformers 4.31
 
 
+@pytest.mark.parametrize('version', sorted(T4['versions']))
 @pytest.mark.parametrize('name,prefix,t5_model', [
     ('vit', 'img_enc.visual_encoder.', lambda: ViTModel(VIT, add_pooling_layer=True)),
     ('swin', 'img_enc.visual_encoder.', lambda: SwinModel(SWIN)),
     ('bert', 'txt_enc.bert.', lambda: BertModel(BERT))])
-def test_convert_maps_every_transformers4_key(name, prefix, t5_model):
-    t4 = {prefix + k: torch.zeros(shape) for k, (shape, _) in T4['models'][name]['state_dict'].items()}
+def test_convert_maps_every_transformers4_key(name, prefix, t5_model, version):
+    t4 = {prefix + k: torch.zeros(shape) for k, (shape, _) in T4['versions'][version]['models'][name]['state_dict'].items()}
     dropped = []
     out = convert_legacy_state_dict(t4, dropped)
     t5 = t5_model().state_dict()
     assert {k: tuple(v.shape) for k, v in out.items()} == {prefix + k: tuple(v.shape) for k, v in t5.items()}
-    assert all(k.endswith('relative_position_index') for k in dropped) and len(dropped) == (4 if name == 'swin' else 0)
+    expected = {'swin': ['relative_position_index'] * 4, 'bert': ['position_ids'] if version == '4.30.2' else []}
+    assert [k.rsplit('.', 1)[-1] for k in dropped] == expected.get(name, [])
     assert convert_legacy_state_dict(out) == out                             # idempotent on transformers 5 keys
 
 
