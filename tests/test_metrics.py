@@ -12,7 +12,7 @@ def _matrices():
     yield 'normal', rng.standard_normal((40, 200)).astype(np.float32)
     yield 'ties', rng.integers(0, 3, size=(23, 115)).astype(np.float64)          # heavy ties
     yield 'diag-ish', (rng.standard_normal((30, 150)) + 2 * np.repeat(np.eye(30), 5, axis=1)).astype(np.float32)
-    yield 'constant', np.zeros((6, 30), np.float32)                               # every rank 0 under "strictly greater"
+    yield 'constant', np.zeros((6, 30), np.float32)                               # ties count against the query
     yield 'one image', rng.standard_normal((1, 5))
 
 
@@ -26,14 +26,16 @@ def test_vectorised_equals_naive(name, sims, chunk):
     assert retrieval_metrics(torch.from_numpy(sims), chunk_size=chunk) == retrieval_metrics_naive(sims)
 
 
-def test_ties_count_strictly_greater():
-    s = np.zeros((2, 10))                                                         # everything tied: every rank 0
-    assert [r.tolist() for r in retrieval_ranks(s)] == [[0, 0], [0] * 10]
-    s[0, 7] = 1.0                                                                 # image 0 scores caption 7 (image 1's) higher
+def test_ties_count_against_the_query():
+    s = np.zeros((2, 10))                                                         # a collapsed model: all tied
     i2t, t2i = retrieval_ranks(s)
-    assert i2t.tolist() == [1, 0]                                                 # image 0: one caption strictly better
-    assert t2i.tolist() == [0] * 7 + [1] + [0] * 2                                # caption 7: image 0 strictly better
-    assert retrieval_metrics(s)['t2i_r1'] == 90.0
+    assert i2t.tolist() == [5, 5] and t2i.tolist() == [1] * 10                    # ranks last, not first
+    assert retrieval_metrics(s)['i2t_r1'] == 0.0 and retrieval_metrics(s)['t2i_r1'] == 0.0
+    s[1, 7] = 1.0                                                                 # image 1 scores its caption 7 higher
+    i2t, t2i = retrieval_ranks(s)
+    assert i2t.tolist() == [5, 0]
+    assert t2i.tolist() == [1] * 7 + [0] + [1] * 2
+    assert retrieval_metrics(s)['t2i_r1'] == 10.0
 
 
 def test_hand_example_2x10():
@@ -41,7 +43,7 @@ def test_hand_example_2x10():
                   [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.85]])
     m = retrieval_metrics(s)
     assert m == {'i2t_r1': 50.0, 'i2t_r5': 100.0, 'i2t_r10': 100.0, 'i2t_medr': 1.0, 'i2t_meanr': 1.5,
-                 't2i_r1': 30.0, 't2i_r5': 100.0, 't2i_r10': 100.0, 't2i_medr': 2.0, 't2i_meanr': 1.7, 'rsum': 480.0}
+                 't2i_r1': 20.0, 't2i_r5': 100.0, 't2i_r10': 100.0, 't2i_medr': 2.0, 't2i_meanr': 1.8, 'rsum': 470.0}
     assert m == retrieval_metrics_naive(s)
     json.dumps(m)                                                                 # plain floats
 
