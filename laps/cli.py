@@ -86,6 +86,7 @@ def cmd_train(args) -> int:
     from laps.runner import train
     cfg = config_from_args(args)
     result = train(cfg, resume=args.resume, command=['laps', *sys.argv[1:]], progress=not args.no_progress)
+    if not result.get('is_main', True): return 0                       # under torchrun only rank 0 reports
     m = result['best_metrics']
     print(f"run {result['run_dir']}: best {cfg.val_split} rsum {result['best_rsum']:.1f}"
           + (f" (epoch {m['epoch']})" if 'epoch' in m else ''))
@@ -101,17 +102,23 @@ def cmd_eval(args) -> int:
             from laps.evaluation import minimal_pair_metrics
             metrics.update(minimal_pair_metrics(sims, read_split(args.data_path, args.dataset, args.split),
                                                 args.data_path, args.dataset))
+        from laps.distributed import torchrun_env
+        if (torchrun_env() or {}).get('rank', 0): return 0                  # under torchrun only rank 0 reports
     else:
         if not args.target: raise ValueError("laps eval needs a run directory, checkpoint folder or .pth (or --ensemble)")
         from laps.checkpoint import load_any_checkpoint
         from laps.evaluation import evaluate_split
-        from laps.training import resolve_device
+        from laps.distributed import init_distributed, cleanup_distributed
         model, cfg, info = load_any_checkpoint(args.target)
         cfg = cfg.replace(**_eval_overrides(args))
         model.cross_net.engine = cfg.engine
-        model.to(resolve_device(cfg.device, cfg.gpu_id))
-        split = 'testall' if args.split == 'test' and cfg.dataset == 'coco' else args.split
-        metrics, sims = evaluate_split(model, cfg, split, progress=not (args.no_progress or args.json))
+        where = init_distributed(None, cfg.device, cfg.gpu_id)              # under torchrun: one shard per process
+        try:
+            model.to(where.device)
+            split = 'testall' if args.split == 'test' and cfg.dataset == 'coco' else args.split
+            metrics, sims = evaluate_split(model, cfg, split, progress=not (args.no_progress or args.json) and where.is_main)
+        finally: cleanup_distributed(where)
+        if not where.is_main: return 0                                     # only rank 0 reports and writes
     if args.save_sims: save_sims(args.save_sims, sims)
     if args.json: print(json.dumps(metrics, sort_keys=True))
     else:

@@ -5,13 +5,16 @@
 # %% ../nbs/75_evaluation.ipynb #f5f31c0b
 from __future__ import annotations
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+from .distributed import is_distributed, all_gather_cat
 
 # %% auto #0
-__all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix',
-           'minimal_pair_metrics', 'evaluate_split']
+__all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
+           'shard_loader', 'score_split', 'minimal_pair_metrics', 'evaluate_split']
 
 # %% ../nbs/75_evaluation.ipynb #518e780c
 def model_device(model: nn.Module) -> torch.device:
@@ -56,7 +59,38 @@ def similarity_matrix(cross_net: nn.Module, img_embs: torch.Tensor, cap_embs: to
             img_embs[i:i + shard_size].to(device), caps.to(device), lens.to(device)).float().cpu()
     return sims
 
-# %% ../nbs/75_evaluation.ipynb #2b5e8090
+# %% ../nbs/75_evaluation.ipynb #795455fd
+def shard_range(n: int, world_size: int, rank: int, multiple: int = 1) -> range:
+    "Rank `rank`'s contiguous part of range(n): whole blocks of `multiple` items, dealt as evenly as possible."
+    blocks = -(-n // multiple)
+    per, extra = divmod(blocks, world_size)
+    start = rank * per + min(rank, extra)
+    stop = start + per + (rank < extra)
+    return range(min(start * multiple, n), min(stop * multiple, n))
+
+def shard_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
+    "A loader over rank's shard of `loader`'s dataset, cut at whole batches (each batch is one of `loader`'s)."
+    part = shard_range(len(loader.dataset), world_size, rank, loader.batch_size)
+    return DataLoader(Subset(loader.dataset, part), batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+
+def score_split(model: nn.Module, image_loader, caption_loader, shard_size: int = 256,
+                progress: bool = True) -> torch.Tensor:
+    "(n_images, n_captions) similarities; under an initialised process group each rank does its shard of the work."
+    if not is_distributed():
+        img_embs = encode_image_set(model, image_loader, progress)
+        cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
+        return similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size, progress)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    images, captions = shard_loader(image_loader, world, rank), shard_loader(caption_loader, world, rank)
+    img_embs = encode_image_set(model, images, progress) if len(images.dataset) else torch.zeros(0, 0, 0)
+    cap_embs, cap_lens = (encode_caption_set(model, captions, progress) if len(captions.dataset)
+                          else (torch.zeros(0, 0, 0), torch.zeros(0, dtype=torch.long)))
+    cap_embs, cap_lens = all_gather_cat(cap_embs), all_gather_cat(cap_lens)     # (n_captions, L, C), (n_captions,)
+    rows = similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size, progress)  # (n_r, n_captions)
+    return all_gather_cat(rows)
+
+# %% ../nbs/75_evaluation.ipynb #55294dbd
 def minimal_pair_metrics(sims, split, data_path, dataset: str) -> dict:
     "Minimal-pair accuracies (`minimal_pair_*` keys) when the split has a pairs file, else {}."
     from laps.synthetic import load_minimal_pairs, minimal_pair_accuracy
@@ -72,9 +106,7 @@ def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: 
     from laps.metrics import evaluate_sims
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     data, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
-    img_embs = encode_image_set(model, image_loader, progress)
-    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
-    sims = similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size or cfg.shard_size, progress)
+    sims = score_split(model, image_loader, caption_loader, shard_size or cfg.shard_size, progress)
     metrics = evaluate_sims(sims, cfg.dataset)
     metrics.update(minimal_pair_metrics(sims, data, cfg.data_path, cfg.dataset))
     return metrics, sims

@@ -14,8 +14,9 @@ from .model import LAPSModel
 from .training import (resolve_device, seed_everything, build_optimizer, set_epoch_lr, training_step,
                            make_alignment_loss)
 from .evaluation import evaluate_split
-from .data import load_tokenizer, build_train_loader, read_split, check_images, cfg_image_folder
+from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images, cfg_image_folder
 from .checkpoint import save_checkpoint, load_checkpoint, restore_rng_states
+from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
 __all__ = ['git_commit', 'write_json_atomic', 'RunLogger', 'prepare_run_dir', 'train']
@@ -55,7 +56,8 @@ class RunLogger:
     def close(self):
         if self.tb is not None: self.tb.close()
 
-def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, write: bool = True) -> Path:
+def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, write: bool = True,
+                    world_size: int = 1) -> Path:  # processes of the run (recorded: the loss sees world_size x batch_size pairs)
     "Create or reopen the run directory, refusing to overwrite a run without --resume; record the command."
     run_dir = Path(cfg.logger_name)
     if (run_dir / 'checkpoint_last').exists() and not resume:
@@ -71,7 +73,7 @@ def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, wr
         if changed: raise ValueError(f"--resume with a configuration that differs from {run_dir / 'config.json'}: {changed}")
     write_json_atomic(run_dir / 'config.json', cfg.to_dict())
     rec = dict(argv=command if command is not None else sys.argv, commit=git_commit(), resume=resume,
-               time=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__)
+               time=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__, world_size=world_size)
     with open(run_dir / 'commands.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
     return run_dir
 
@@ -79,16 +81,31 @@ def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, wr
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+def _train_loader(cfg: LapsConfig, tokenizer, info: DistInfo):
+    "The training loader and, under torchrun, its DistributedSampler (each rank its share of every epoch)."
+    loader = build_train_loader(cfg, tokenizer, 'train')               # reads and checks the data up front
+    if not info.distributed: return loader, None
+    from torch.utils.data.distributed import DistributedSampler
+    sampler = DistributedSampler(loader.dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                 seed=cfg.seed, drop_last=True)
+    return build_loader(loader.dataset, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=True), sampler
+
 def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = None, progress: bool = True,
           vision_backbone=None, text_backbone=None) -> dict:
-    "Train `cfg` in its run directory; returns the best validation metrics and the run directory."
-    run_dir = prepare_run_dir(cfg, resume, command)
-    device = resolve_device(cfg.device, cfg.gpu_id)
+    "Train `cfg` in its run directory (one process per device under torchrun with --multi_gpu 1); returns the best validation metrics."
+    info = init_distributed(bool(cfg.multi_gpu), cfg.device, cfg.gpu_id)
+    try: return _train(cfg, info, resume=resume, command=command, progress=progress and info.is_main,
+                       vision_backbone=vision_backbone, text_backbone=text_backbone)
+    finally: cleanup_distributed(info)
+
+def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: bool, vision_backbone, text_backbone) -> dict:
+    run_dir = on_main(info, prepare_run_dir, cfg, resume, command, world_size=info.world_size)  # only rank 0 writes
+    device = info.device
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.bert_path)
-    train_loader = build_train_loader(cfg, tokenizer, 'train')          # reads and checks the data up front
+    train_loader, sampler = _train_loader(cfg, tokenizer, info)
     if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), cfg_image_folder(cfg))
-    model = LAPSModel(cfg, vision_backbone, text_backbone).to(device)
+    model = LAPSModel(cfg, vision_backbone, text_backbone).to(device)  # the same initial weights on every rank
     optimizer = build_optimizer(model, cfg.learning_rate)
     start_epoch, global_step, best_rsum, best_metrics = 0, 0, -math.inf, {}
     if resume:
@@ -98,23 +115,27 @@ def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = 
         if 'rng' in state: restore_rng_states(state['rng'])
         start_epoch, global_step = state['epoch'] + 1, state['step']
         best_rsum, best_metrics = state.get('best_rsum', -math.inf), state.get('best_metrics', {})
-    logger = RunLogger(run_dir)
+    net = wrap_ddp(model, info)                                         # DDP(GatherForward(model)) under torchrun
+    logger = RunLogger(run_dir, enabled=info.is_main)
     alignment_loss = make_alignment_loss(cfg)
     steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0: raise ValueError(f"the train split has fewer captions than --batch_size {cfg.batch_size}")
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split has fewer captions than --batch_size {cfg.batch_size}"
+                         + (f" x {info.world_size} processes" if info.distributed else ''))
 
     def validate(epoch):
         nonlocal best_rsum, best_metrics
-        metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tokenizer, progress=progress)
+        metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tokenizer, progress=progress)  # sharded under torchrun
         logger.log(f'val_{cfg.val_split}', global_step, epoch=epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if metrics['rsum'] > best_rsum:
             best_rsum, best_metrics = metrics['rsum'], dict(metrics, epoch=epoch, step=global_step)
-            save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=epoch, step=global_step, best_rsum=best_rsum,
-                                                                        best_metrics=best_metrics), save_rng=False)
-            write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best_metrics)
-            if cfg.save_results:
-                from laps.metrics import save_sims
-                save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims)
+            if info.is_main:
+                save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=epoch, step=global_step, best_rsum=best_rsum,
+                                                                            best_metrics=best_metrics), save_rng=False)
+                write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best_metrics)
+                if cfg.save_results:
+                    from laps.metrics import save_sims
+                    save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims)
         model.train()
 
     try:
@@ -122,19 +143,24 @@ def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = 
             lr = set_epoch_lr(optimizer, cfg.learning_rate, epoch, cfg.lr_schedules, cfg.decay_rate)
             train_loader.dataset.set_epoch(epoch)
             if train_loader.generator is not None: train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+            if sampler is not None: sampler.set_epoch(epoch)
+            if info.distributed: seed_everything(rank_seed(cfg.seed, epoch, info.rank))
             bar = tqdm(train_loader, desc=f'epoch {epoch}', disable=not progress, leave=False)
             for step, batch in enumerate(bar):
-                logs = training_step(model, _to_device(batch, device), optimizer, cfg, epoch=epoch, step=step,
+                logs = training_step(net, _to_device(batch, device), optimizer, cfg, epoch=epoch, step=step,
                                      steps_per_epoch=steps_per_epoch, alignment_loss=alignment_loss)
                 global_step += 1
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=lr, **logs)
                 if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0: validate(epoch)
             if cfg.eval: validate(epoch)
-            save_checkpoint(run_dir / 'checkpoint_last', model, cfg,
-                            dict(epoch=epoch, step=global_step, best_rsum=best_rsum, best_metrics=best_metrics),
-                            optimizer=optimizer)
+            if info.is_main:
+                save_checkpoint(run_dir / 'checkpoint_last', model, cfg,
+                                dict(epoch=epoch, step=global_step, best_rsum=best_rsum, best_metrics=best_metrics),
+                                optimizer=optimizer)
+        if not cfg.eval and info.is_main:                               # no validation: the last model is the best
+            save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
+        barrier(info)                                                   # everything is written when any rank returns
     finally: logger.close()
-    if not cfg.eval:                                                     # no validation: the last model is the best
-        save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
-    return dict(run_dir=str(run_dir), best_rsum=best_rsum, best_metrics=best_metrics, steps=global_step)
+    return dict(run_dir=str(run_dir), best_rsum=best_rsum, best_metrics=best_metrics, steps=global_step,
+                is_main=info.is_main, world_size=info.world_size)

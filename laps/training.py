@@ -11,6 +11,8 @@ from torch import nn
 from .config import LapsConfig
 from .losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, ratio_loss, finite_or_zero,
                          DistanceWeightedTripletLoss)
+from .model import LAPSModel
+from .checkpoint import _unwrap
 
 # %% auto #0
 __all__ = ['BACKBONE_PREFIXES', 'resolve_device', 'seed_everything', 'build_optimizer', 'lr_factor', 'set_epoch_lr',
@@ -69,18 +71,20 @@ def _grad_norm(params) -> float:
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg: LapsConfig, *,
                   epoch: int, step: int, steps_per_epoch: int, alignment_loss=None) -> dict:
-    "One optimisation step on `batch` (images, input_ids, img_ids); returns logged scalars."
+    "One optimisation step on `batch` (images, input_ids, img_ids) of a LAPSModel or DDP(GatherForward); returns logged scalars."
     alignment_loss = alignment_loss or make_alignment_loss(cfg)
     model.train()
-    sims, score_mask = model(batch['images'], batch['input_ids'])
-    align = alignment_loss(sims, batch['img_ids'].to(sims.device), epoch)
+    if isinstance(model, LAPSModel):
+        sims, score_mask = model(batch['images'], batch['input_ids']); img_ids = batch['img_ids']
+    else: sims, score_mask, img_ids = model(batch['images'], batch['input_ids'], batch['img_ids'])  # all ranks' pairs
+    align = alignment_loss(sims, img_ids.to(sims.device), epoch)
     warm = loss_warmup_factor(epoch, step, steps_per_epoch, cfg.embedding_warmup_epochs)
     r_loss = ratio_loss(score_mask, cfg.sparse_ratio, cfg.ratio_weight)
     loss = finite_or_zero(align * warm + r_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], cfg.grad_clip))
-    tok_sel = getattr(getattr(model, 'cross_net', None), 'tok_select_net', None)
+    tok_sel = getattr(getattr(_unwrap(model), 'cross_net', None), 'tok_select_net', None)
     optimizer.step()
     return dict(loss=float(loss), align_loss=float(align), ratio_loss=float(r_loss), warmup=warm,
                 grad_norm=grad_norm, max_violation=float(use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation)),
