@@ -3,6 +3,8 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
+#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (< 15 min on 2 cores)
+#   make bench       reference vs fast similarity engine (laps bench)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.laps-installed
 
-.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick
+.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,3 +51,18 @@ test-slow: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
+
+# The embedded default: the synthetic fine-grained benchmark on the cpu preset. Each demo run gets
+# its own run directory, so re-running never overwrites an earlier one.
+DEMO_DATA ?= data
+DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
+DEMO_RUN ?= runs/demo-$(DEMO_STAMP)
+demo: $(STAMP)
+	@start=$$(date +%s); \
+	$(BIN)/laps data synthetic --out $(DEMO_DATA)/synthetic && \
+	$(BIN)/laps train --preset cpu --data_path $(DEMO_DATA) --logger_name $(DEMO_RUN) && \
+	$(BIN)/laps eval $(DEMO_RUN) --split test --save_sims $(DEMO_RUN)/sims_test.npy && \
+	echo "demo: $(DEMO_RUN), $$(( $$(date +%s) - start )) s wall"
+
+bench: $(STAMP)
+	$(BIN)/laps bench

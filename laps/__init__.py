@@ -6,9 +6,28 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #b84af5e4
-from .config import LapsConfig, get_config, PRESETS
-from .encoders import build_backbone, ImageEncoder, TextEncoder
-from .crossnet import CrossNet
-from .model import LAPSModel
-from .losses import hinge_triplet_loss, ratio_loss, DistanceWeightedTripletLoss
+# %% ../nbs/99_api.ipynb #4ee3e118
+import importlib
+
+_API = {
+    'laps.config': ('LapsConfig', 'get_config', 'PRESETS'),
+    'laps.encoders': ('build_backbone',),
+    'laps.crossnet': ('CrossNet',),
+    'laps.model': ('LAPSModel',),
+    'laps.losses': ('hinge_triplet_loss', 'ratio_loss', 'DistanceWeightedTripletLoss'),
+    'laps.runner': ('train',),
+    'laps.evaluation': ('evaluate_split', 'similarity_matrix'),
+    'laps.metrics': ('evaluate_sims', 'format_metrics'),
+    'laps.checkpoint': ('save_checkpoint', 'load_checkpoint', 'load_any_checkpoint'),
+    'laps.data': ('read_split', 'load_tokenizer', 'build_train_loader', 'build_eval_loaders'),
+    'laps.synthetic': ('generate_synthetic', 'minimal_pair_accuracy'),
+}
+_WHERE = {name: module for module, names in _API.items() for name in names}
+
+def __getattr__(name):
+    if name in _WHERE: return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'laps' has no attribute {name!r}")
+
+def __dir__(): return sorted(set(globals()) | set(_WHERE))
+
+__all__ = sorted(_WHERE)                                                # `from laps import *` resolves lazily too

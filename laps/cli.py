@@ -108,7 +108,7 @@ def cmd_eval(args) -> int:
         if not args.target: raise ValueError("laps eval needs a run directory, checkpoint folder or .pth (or --ensemble)")
         from laps.checkpoint import load_any_checkpoint
         from laps.evaluation import evaluate_split
-        from laps.distributed import init_distributed, cleanup_distributed
+        from laps.distributed import init_distributed, cleanup_distributed, barrier
         model, cfg, info = load_any_checkpoint(args.target)
         cfg = cfg.replace(**_eval_overrides(args))
         model.cross_net.engine = cfg.engine
@@ -117,6 +117,7 @@ def cmd_eval(args) -> int:
             model.to(where.device)
             split = 'testall' if args.split == 'test' and cfg.dataset == 'coco' else args.split
             metrics, sims = evaluate_split(model, cfg, split, progress=not (args.no_progress or args.json) and where.is_main)
+            barrier(where)
         finally: cleanup_distributed(where)
         if not where.is_main: return 0                                     # only rank 0 reports and writes
     if args.save_sims: save_sims(args.save_sims, sims)

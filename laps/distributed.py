@@ -4,7 +4,7 @@
 
 # %% ../nbs/72_distributed.ipynb #3c4b7bf3
 from __future__ import annotations
-import os, warnings
+import os
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def init_distributed(multi_gpu: bool | None = None,  # True: require torchrun; F
     return DistInfo(env['rank'], env['world_size'], env['local_rank'], dev, True, True)
 
 def cleanup_distributed(info: DistInfo) -> None:
-    "Destroy the process group if `init_distributed` created it."
+    "Destroy the process group if `init_distributed` created it (after a `barrier` when every rank got there)."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()
 
 def barrier(info: DistInfo) -> None:
@@ -110,6 +110,7 @@ def on_main(info: DistInfo, fn, *args, **kwargs):
         box = [(result, error)]
         dist.broadcast_object_list(box, src=0)
         result, error = box[0]
+        if error is not None: dist.barrier()                            # all ranks leave together
     if error is not None: raise error
     return result
 
@@ -133,14 +134,12 @@ def _gather_shapes(x: torch.Tensor) -> list[tuple]:
 def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     "Every rank's x (B_r, ...) concatenated along dim 0, other dims zero-padded to the largest; backward sums over ranks."
     if not is_distributed(): return x
+    from torch.distributed._functional_collectives import all_gather_single
     shapes = _gather_shapes(x)
     full = tuple(max(s[d] for s in shapes) for d in range(x.ndim))
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_gather is deprecated',
-                                category=FutureWarning)
-        from torch.distributed.nn.functional import all_gather
-        parts = all_gather(_pad_to(x, full).to(_group_device()))
-    return torch.cat([p[:s[0]] for p, s in zip(parts, shapes)]).to(x.device)
+    y = all_gather_single(_pad_to(x, full).to(_group_device()).contiguous(), 0, dist.group.WORLD)  # (W max B_r, ...)
+    n = full[0]
+    return torch.cat([y[r * n:r * n + s[0]] for r, s in enumerate(shapes)]).to(x.device)
 
 @torch.no_grad()
 def all_gather_cat(x: torch.Tensor) -> torch.Tensor:

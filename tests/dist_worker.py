@@ -13,14 +13,16 @@ from transformers import ViTConfig, BertConfig
 from laps.config import LapsConfig
 from laps.model import LAPSModel
 from laps.data import collate
-from laps.distributed import init_distributed, cleanup_distributed, wrap_ddp, is_distributed
+from laps.distributed import init_distributed, cleanup_distributed, barrier, wrap_ddp, is_distributed
 from laps.training import training_step
 from laps.evaluation import score_split
 
 TINY = dict(embed_size=16, img_res=32, num_patches=16, engine='reference', grad_clip=1e6, max_violation=True)
+IMPROVED = dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8, similarity_calc_method='attn',
+                use_learnable_temp=0)
 CONFIGS = {'paper': LapsConfig(**TINY),
-           'improved': LapsConfig(**TINY, use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8,
-                                  similarity_calc_method='attn', use_learnable_temp=0)}
+           'improved': LapsConfig(**TINY, **IMPROVED),
+           'improved_fast': LapsConfig(**{**TINY, 'engine': 'fast'}, **IMPROVED)}
 
 
 def tiny_model(cfg: LapsConfig) -> LAPSModel:
@@ -111,6 +113,7 @@ def eval_loaders(n_images, n_captions, batch_size, seed):
 
 
 EVAL_CASES = {'improved_7x13': ('improved', 7, 13, 3, 4),   # config, images, captions, batch size, shard size
+              'improved_fast_7x13': ('improved_fast', 7, 13, 3, 4),
               'paper_2x4_empty_shard': ('paper', 2, 4, 3, 2)}  # rank 1 gets no image
 
 
@@ -133,4 +136,5 @@ if __name__ == '__main__':
     mode, out = sys.argv[1], Path(sys.argv[2])
     info, res = {'step': mode_step, 'eval': mode_eval}[mode]()
     (out / f'{mode}_rank{info.rank}.json').write_text(json.dumps(res))
+    barrier(info)
     cleanup_distributed(info)

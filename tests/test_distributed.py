@@ -38,16 +38,20 @@ def test_two_rank_step_equals_one_process(tmp_path):
             assert diff <= 1e-5 * max(1.0, top), (name, diff, top)      # gradients up to ~30 in float32
         assert r['max_param_diff'] <= 1e-5, name                        # after two SGD updates
         assert r['loss'][0] > 1.0 and r['loss'][0] != r['loss'][1]
-    assert ranks[0]['improved']['attn_mat_grad_norm'] == [0.0, 0.0]     # released text selection: no gradient, DDP copes
+    for name in ('improved', 'improved_fast'):
+        assert ranks[0][name]['attn_mat_grad_norm'] == [0.0, 0.0]       # released text selection: no gradient, DDP copes
 
 
 def test_two_rank_eval_equals_one_process(tmp_path):
     "(c) The sharded similarity matrix is the single-process one (an empty shard included)."
     ranks = _worker('eval', tmp_path)
-    for r in ranks:
-        for case, c in r.items():
-            assert c['shape'] == c['ref_shape'], case
-            assert c['max_diff'] <= 1e-6 and c['equal'], (case, c)
+    assert ranks[0] == ranks[1]                                         # every rank holds the whole matrix
+    for case, c in ranks[0].items():
+        assert c['shape'] == c['ref_shape'], case
+        assert c['max_diff'] <= 1e-6, (case, c)
+        # same batches, same blocks: bit for bit with the reference engine; the fast engine's GEMMs
+        # see fewer image rows per rank, which may change the last bits
+        if 'fast' not in case: assert c['equal'], (case, c)
 
 
 @pytest.fixture(scope='module')

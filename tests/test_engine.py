@@ -1,0 +1,214 @@
+"""The fast engine against the per-caption reference: values, every gradient, selections, blocks, padding."""
+import itertools, json
+import pytest
+import torch
+import torch.nn.functional as F
+from laps import LapsConfig, CrossNet
+from laps.engine import batched_forward, DEFAULT_MEMORY_BUDGET
+from laps.lps import split_cls, n_kept_patches, image_global, text_global, patch_scores
+
+TOL = 1e-4
+
+
+def _combos():
+    "(method, use_cls, selection, learnable_temp, trainable_selection) for every meaningful combination."
+    for method, use_cls, selection in itertools.product(['max', 'attn', 'thres'], [0, 1], [None, 'ratio', 'score']):
+        for learn_temp in ([0, 1] if method == 'attn' else [0]):
+            for trainable in ([0, 1] if selection else [0]):
+                yield method, use_cls, selection, learn_temp, trainable
+
+
+def _net(method='max', use_cls=0, selection=None, learn_temp=0, trainable=0, C=32, N=196, **kw):
+    cfg = LapsConfig(embed_size=C, num_patches=N, similarity_calc_method=method, use_cls_as_glob_embd=use_cls,
+                     use_token_selection=int(selection is not None), token_selection_strategy=selection or 'ratio',
+                     token_selection_ratio=0.6, use_learnable_temp=learn_temp, token_selection_trainable=trainable,
+                     score_threshold=0.25, **kw)
+    net = CrossNet(cfg)
+    if learn_temp:
+        with torch.no_grad(): net.temp.fill_(0.7)                          # away from 1, so a wrong temp would show
+    return net
+
+
+def decision_margin(net, img, cap, lens):
+    "Smallest gap at any discrete choice the reference makes: top-k boundary, text selection, `thres` threshold."
+    img_cls, patches = split_cls(img)
+    N = patches.shape[1]
+    K = n_kept_patches(N, net.sparse_ratio)
+    gaps = []
+    with torch.no_grad():
+        for c, n in zip(cap, lens):
+            c = c[:int(n)]
+            score = patch_scores(patches, image_global(img_cls, patches, net.use_cls_as_glob),
+                                 text_global(c, net.use_cls_as_glob))
+            if K < N:
+                top = score.topk(K + 1, dim=1).values
+                gaps.append((top[:, K - 1] - top[:, K]).min())
+            if net.uses_token_selection and c.shape[0] > 1:
+                rel = net.tok_select_net.relevance(F.normalize(c, dim=-1))
+                if net.token_selection['strategy'] == 'score': gaps.append(rel.abs().min())
+                else:
+                    k = -(-rel.numel() * net.token_selection['ratio'] // 1)
+                    srt = rel.sort(descending=True).values
+                    if 0 < k < rel.numel(): gaps.append(srt[int(k) - 1] - srt[int(k)])
+            if net.method == 'thres':
+                tokens, _ = net.image_tokens(img_cls, patches, c)
+                S = F.leaky_relu(net.caption_tokens(c) @ tokens.transpose(-1, -2), 0.1)
+                gaps.append((S - net.score_threshold).abs().min())
+    return float(min(gaps)) if gaps else float('inf')
+
+
+def untied_inputs(net, T, C, n_img=3, caps=((9, 9), (5, 9), (3, 9), (7, 9)), margin=1e-5, requires_grad=False):
+    "Seeded random inputs on which no discrete choice of the reference is within `margin` of a tie."
+    L = max(l for _, l in caps)
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        img = torch.randn(n_img, T, C, generator=g)
+        cap = torch.randn(len(caps), L, C, generator=g)
+        lens = torch.tensor([n for n, _ in caps])
+        if decision_margin(net, img, cap, lens) > margin:
+            return img.requires_grad_(requires_grad), cap.requires_grad_(requires_grad), lens
+    raise AssertionError('no untied inputs found in 200 seeds')
+
+
+def _grads(sims, net, img, cap, weights):
+    params = [p for p in net.parameters() if p.requires_grad]
+    return torch.autograd.grad((sims * weights).sum(), [img, cap] + params, allow_unused=True)
+
+
+def _assert_grads_close(g_fast, g_ref, tol=TOL):
+    assert len(g_fast) == len(g_ref)
+    for a, b in zip(g_fast, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None: assert (a - b).abs().max() <= tol, (a - b).abs().max()
+
+
+@pytest.mark.parametrize('method,use_cls,selection,learn_temp,trainable', list(_combos()))
+@pytest.mark.parametrize('T', [197, 49])
+def test_fast_equals_reference_values_masks_and_every_gradient(T, method, use_cls, selection, learn_temp, trainable):
+    N = T - 1 if T == 197 else T
+    net = _net(method, use_cls, selection, learn_temp, trainable, N=N).train()
+    img, cap, lens = untied_inputs(net, T, 32, requires_grad=True)
+    weights = torch.randn(img.shape[0], cap.shape[0], generator=torch.Generator().manual_seed(7))
+    net.engine = 'reference'
+    sims_ref, mask_ref = net(img, cap, lens)
+    g_ref = _grads(sims_ref, net, img, cap, weights)
+    net.engine = 'fast'
+    sims, mask = net(img, cap, lens)
+    assert sims.shape == sims_ref.shape and mask.shape == (cap.shape[0], img.shape[0], N)
+    assert (sims - sims_ref).abs().max() <= TOL
+    assert torch.equal(mask, mask_ref)                                   # same kept patches (inputs are untied)
+    _assert_grads_close(_grads(sims, net, img, cap, weights), g_ref)
+    net.eval()
+    with torch.no_grad():                                                # the no-grad path updates in place
+        assert (net(img, cap, lens) - sims_ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize('preset', ['paper', 'improved'])
+def test_vit_base_shapes(preset):
+    "C=512, 197 tokens, caption lengths like Flickr30K's, values and gradients."
+    from laps import get_config
+    net = CrossNet(get_config(preset)).train()
+    img, cap, lens = untied_inputs(net, 197, 512, n_img=4, caps=((16, 23), (12, 23), (23, 23)), requires_grad=True)
+    weights = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
+    net.engine = 'reference'; sims_ref, mask_ref = net(img, cap, lens); g_ref = _grads(sims_ref, net, img, cap, weights)
+    net.engine = 'fast'; sims, mask = net(img, cap, lens)
+    assert (sims - sims_ref).abs().max() <= TOL and torch.equal(mask, mask_ref)
+    _assert_grads_close(_grads(sims, net, img, cap, weights), g_ref)
+
+
+@pytest.mark.parametrize('method', ['max', 'attn'])
+def test_memory_budget_only_changes_blocks(method):
+    net = _net(method, selection='ratio').train()
+    img, cap, lens = untied_inputs(net, 197, 32, n_img=5, caps=((9, 9), (2, 9), (5, 9), (7, 9), (3, 9), (9, 9)),
+                                   requires_grad=True)
+    weights = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for budget in (1, 200_000, DEFAULT_MEMORY_BUDGET, 2**40):            # one pair per block ... one block
+        sims, mask = net(img, cap, lens, memory_budget=budget)
+        outs.append((sims, mask, _grads(sims, net, img, cap, weights)))
+    for sims, mask, grads in outs[1:]:
+        assert (sims - outs[0][0]).abs().max() <= 1e-6 and torch.equal(mask, outs[0][1])
+        _assert_grads_close(grads, outs[0][2], tol=1e-6)
+
+
+def test_padding_content_never_matters():
+    net = _net('thres', use_cls=1, selection='ratio').train()
+    img, cap, lens = untied_inputs(net, 49, 32, requires_grad=False)
+    noisy = cap.clone()
+    for j, n in enumerate(lens.tolist()):
+        noisy[j, n:] = torch.tensor([float('nan'), 1e6, -3.0]).repeat(cap.shape[-1])[:cap.shape[-1]]
+    cap.requires_grad_(); noisy.requires_grad_()
+    sims, mask = net(img, cap, lens)
+    sims_n, mask_n = net(img, noisy, lens)
+    assert torch.equal(sims, sims_n) and torch.equal(mask, mask_n)
+    g, = torch.autograd.grad(sims.sum(), cap); g_n, = torch.autograd.grad(sims_n.sum(), noisy)
+    assert torch.equal(g, g_n) and torch.isfinite(g_n).all()
+    for j, n in enumerate(lens.tolist()): assert g_n[j, n:].abs().sum() == 0      # padding gets no gradient
+    # a longer padded width changes nothing either
+    wide = torch.cat([cap.detach(), torch.randn(4, 5, 32)], 1)
+    assert (net(img, wide, lens)[0] - sims).abs().max() <= 1e-6
+
+
+def test_train_and_eval_modes_return_what_the_reference_returns():
+    net = _net('attn', use_cls=1, selection='score').train()
+    img, cap, lens = untied_inputs(net, 197, 32)
+    out_fast = net(img, cap, lens)
+    net.engine = 'reference'; out_ref = net(img, cap, lens)
+    assert isinstance(out_fast, tuple) and len(out_fast) == 2
+    assert (out_fast[0] - out_ref[0]).abs().max() <= TOL and torch.equal(out_fast[1], out_ref[1])
+    assert out_fast[1].shape == (4, 3, 196) and out_fast[1].sum(-1).eq(98).all()
+    net.eval(); net.engine = 'fast'
+    sims = net(img, cap, lens)
+    assert torch.is_tensor(sims) and sims.shape == (3, 4)
+
+
+def test_reference_engine_is_the_reference_path_and_fast_is_default():
+    assert LapsConfig().engine == 'fast' and CrossNet(LapsConfig(embed_size=16)).engine == 'fast'
+    net = CrossNet(LapsConfig(embed_size=16, engine='reference')).eval()
+    img, cap, lens = torch.randn(2, 197, 16), torch.randn(3, 6, 16), [6, 3, 4]
+    assert torch.equal(net(img, cap, lens), net.reference_forward(img, cap, lens)[0])
+
+
+def test_large_aggregation_logits_take_the_exact_per_pair_path():
+    net = _net('max').train()
+    with torch.no_grad(): net.aggr_net.scale.fill_(300.)                 # logits span far more than 20
+    img, cap, lens = untied_inputs(net, 197, 32, requires_grad=True)
+    weights = torch.ones(3, 4)
+    net.engine = 'reference'; s_ref, _ = net(img, cap, lens); g_ref = _grads(s_ref, net, img, cap, weights)
+    net.engine = 'fast'; s, _ = net(img, cap, lens)
+    assert (s - s_ref).abs().max() <= TOL
+    _assert_grads_close(_grads(s, net, img, cap, weights), g_ref)
+
+
+def test_sparse_ratio_one_keeps_every_patch():
+    net = _net('max', sparse_ratio=1.0, aggr_ratio=0.2).eval()
+    img, cap, lens = torch.randn(2, 49, 32), torch.randn(3, 6, 32), torch.tensor([6, 2, 4])
+    with torch.no_grad():
+        assert (net(img, cap, lens) - net.reference_forward(img, cap, lens)[0]).abs().max() <= TOL
+
+
+def test_bad_inputs_name_what_was_expected():
+    net = _net().eval()
+    img, cap = torch.randn(2, 197, 32), torch.randn(3, 6, 32)
+    with pytest.raises(ValueError, match=r'cap_lens must lie in \[1, 6\]'): net(img, cap, [6, 0, 2])
+    with pytest.raises(ValueError, match='cap_lens has 2 entries for 3 captions'): net(img, cap, [6, 2])
+    with pytest.raises(ValueError, match='memory_budget must be a positive number of bytes'):
+        net(img, cap, [6, 1, 2], memory_budget=-5)
+    with pytest.raises(ValueError, match='same C'): net(img, torch.randn(3, 6, 16), [6, 1, 2])
+
+
+def test_empty_batches():
+    net = _net().eval()
+    with torch.no_grad():
+        assert net(torch.randn(0, 197, 32), torch.randn(3, 6, 32), [6, 1, 2]).shape == (0, 3)
+        assert net(torch.randn(2, 197, 32), torch.randn(0, 6, 32), []).shape == (2, 0)
+
+
+@pytest.mark.slow
+def test_bench_quick_json(capsys):
+    from laps.bench import bench_cli
+    assert bench_cli(['--quick', '--json']) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup', 'max_abs_diff'):
+        assert key in out and out[key] > 0 or key == 'max_abs_diff'
+    assert out['max_abs_diff'] <= 1e-4
