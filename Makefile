@@ -3,6 +3,9 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
+#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; about
+#                    45 min on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
+#   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -49,3 +52,12 @@ test-slow: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
+
+REPORT_ARGS ?=
+reports: $(STAMP)
+	$(BIN)/python -m laps report --all $(REPORT_ARGS)
+
+# One torch thread: a smoke test of the pipeline, robust to a busy CI machine (oversubscribed
+# OpenMP threads are several times slower there).
+reports-quick: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m laps report --all --quick $(REPORT_ARGS)
