@@ -3,7 +3,7 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
-#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (< 15 min on 2 cores)
+#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test
 #   make bench       reference vs fast similarity engine (laps bench)
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; about
 #                    45 min on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
