@@ -3,8 +3,11 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
-#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (< 15 min on 2 cores)
+#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test
 #   make bench       reference vs fast similarity engine (laps bench)
+#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; about
+#                    45 min on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
+#   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -14,7 +17,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.laps-installed
 
-.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench
+.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,3 +69,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/laps bench
+
+REPORT_ARGS ?=
+reports: $(STAMP)
+	$(BIN)/python -m laps report --all $(REPORT_ARGS)
+
+# One torch thread: a smoke test of the pipeline, robust to a busy CI machine (oversubscribed
+# OpenMP threads are several times slower there).
+reports-quick: $(STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m laps report --all --quick $(REPORT_ARGS)
