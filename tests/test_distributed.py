@@ -66,10 +66,11 @@ def _json_lines(text):
 
 
 def test_torchrun_train_then_eval(tiny_data, tmp_path):
-    "(b) A 2-rank run completes, only rank 0 writes, and its checkpoint evaluates alike with 1 and 2 processes."
+    "(b) A 2-rank run completes, only rank 0 writes, its checkpoint evaluates alike with 1 and 2 processes, it resumes."
     run = tmp_path / 'run'
-    res = _torchrun('-m', 'laps', 'train', '--preset', 'cpu', '--multi_gpu', 1, '--data_path', tiny_data, '--logger_name', run,
-                    '--num_epochs', 1, '--batch_size', 8, '--log_step', 5, '--no_progress')
+    train = ['-m', 'laps', 'train', '--preset', 'cpu', '--multi_gpu', 1, '--data_path', tiny_data, '--logger_name', run,
+             '--batch_size', 8, '--log_step', 5, '--no_progress']
+    res = _torchrun(*train, '--num_epochs', 1)
     assert res.returncode == 0, res.stderr[-4000:]
     assert len([l for l in res.stdout.splitlines() if l.startswith('run ')]) == 1    # only rank 0 reports
     assert sorted(p.name for p in run.iterdir()) == ['checkpoint_best', 'checkpoint_last', 'commands.jsonl', 'config.json',
@@ -92,6 +93,15 @@ def test_torchrun_train_then_eval(tiny_data, tmp_path):
     assert len(m2) == 1 and m2 == m1                                    # rank 0 alone prints the same metrics
     s1, s2 = np.load(tmp_path / 'one.npy'), np.load(tmp_path / 'two.npy')
     assert s1.shape == (10, 50) and np.abs(s1 - s2).max() <= 1e-6
+
+    res = _torchrun(*train, '--num_epochs', 2, '--resume')                # every rank loads checkpoint_last
+    assert res.returncode == 0, res.stderr[-4000:]
+    state = json.loads((run / 'checkpoint_last' / 'trainer_state.json').read_text())
+    assert (state['epoch'], state['step']) == (1, 20)
+    assert [c['resume'] for c in _json_lines((run / 'commands.jsonl').read_text())] == [False, True]
+    log = _json_lines((run / 'train_log.jsonl').read_text())
+    assert [(r['kind'], r['step']) for r in log][4:] == [('train', 11), ('train', 15), ('train', 20), ('val_dev', 20)]
+    assert len(list((run / 'tensorboard').iterdir())) == 2               # one writer per invocation
 
 
 def test_multi_gpu_needs_torchrun_and_torchrun_needs_multi_gpu(tiny_data, tmp_path):
