@@ -80,16 +80,18 @@ def test_every_image_has_a_minimal_partner(small, split):
 def test_minimal_pair_property_at_full_size():
     plan = plan_splits(seed=0)                                              # the default sizes, no rendering
     train_keys = {scene_key(s) for s in plan['train'][0]}
-    for split in ('dev', 'test'):
+    kinds = {'dev': Counter({'colour_swap': 84, 'relation_swap': 83, 'shape_change': 83}),
+             'test': Counter({'colour_swap': 167, 'relation_swap': 167, 'shape_change': 166})}
+    for split, n in (('dev', 500), ('test', 1000)):                        # test: Flickr30K's size
         scenes, pairs = plan[split]
-        assert len(scenes) == 1000 and len(pairs) == 500
-        assert sorted(i for a, b, _ in pairs for i in (a, b)) == list(range(1000))
+        assert len(scenes) == n and len(pairs) == n // 2
+        assert sorted(i for a, b, _ in pairs for i in (a, b)) == list(range(n))
         assert all(differs_by(scenes[a], scenes[b], k) for a, b, k in pairs)
-        assert Counter(k for _, _, k in pairs) == Counter({'colour_swap': 167, 'relation_swap': 167, 'shape_change': 166})
+        assert Counter(k for _, _, k in pairs) == kinds[split]
         keys = [scene_key(s) for s in scenes]
-        assert len(set(keys)) == 1000 and not set(keys) & train_keys       # distinct, and unseen in training
+        assert len(set(keys)) == n and not set(keys) & train_keys          # distinct, and unseen in training
     n_obj = Counter(len(s['objects']) for s in plan['train'][0])
-    assert 0.4 < n_obj[2] / 10000 < 0.6
+    assert len(plan['train'][0]) == 3500 and 0.4 < n_obj[2] / 3500 < 0.6
 
 
 def test_captions_determine_the_scene(small):
@@ -174,8 +176,9 @@ def test_loaders_on_synthetic_with_cpu_preset(small):
 @pytest.mark.slow
 def test_default_generation(tmp_path):
     s = generate_synthetic(tmp_path / 'synthetic')
-    assert (s['train'], s['test']) == (dict(images=10000, captions=50000, minimal_pairs=0),
-                                       dict(images=1000, captions=5000, minimal_pairs=500))
+    assert (s['train'], s['dev'], s['test']) == (dict(images=3500, captions=17500, minimal_pairs=0),
+                                                 dict(images=500, captions=2500, minimal_pairs=250),
+                                                 dict(images=1000, captions=5000, minimal_pairs=500))
     t = read_split(tmp_path, 'synthetic', 'test')
     check_images(t, tmp_path / 'synthetic' / 'images')
     assert len(set(t.captions)) > 4900
