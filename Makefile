@@ -3,10 +3,11 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
-#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test
+#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (about 12 min
+#                    on a fresh clone of a 2-core machine; the measured numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
-#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; about
-#                    45 min on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
+#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 45 min
+#                    on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
