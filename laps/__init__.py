@@ -6,8 +6,8 @@ __version__ = "0.1.0"
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_api.ipynb #4ee3e118
-import importlib
+# %% ../nbs/99_api.ipynb #ece8cf88
+import importlib as _importlib
 
 _API = {
     'laps.config': ('LapsConfig', 'get_config', 'PRESETS'),
@@ -25,7 +25,7 @@ _API = {
 _WHERE = {name: module for module, names in _API.items() for name in names}
 
 def __getattr__(name):
-    if name in _WHERE: return getattr(importlib.import_module(_WHERE[name]), name)
+    if name in _WHERE: return getattr(_importlib.import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'laps' has no attribute {name!r}")
 
 def __dir__(): return sorted(set(globals()) | set(_WHERE))
