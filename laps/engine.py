@@ -14,8 +14,8 @@ from .lps import split_cls, n_kept_patches, image_global
 # %% auto #0
 __all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'word_mask', 'masked_max_similarity',
            'masked_threshold_similarity', 'masked_attention_similarity', 'select_words', 'ImageSide', 'sym_norm_terms',
-           'image_side', 'CaptionSide', 'caption_side', 'pair_block', 'pair_bytes', 'image_bytes', 'block_plan',
-           'batched_forward', 'engine_flops']
+           'image_side', 'CaptionSide', 'caption_side', 'PatchSelection', 'select_patches', 'norm_squares',
+           'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'batched_forward', 'engine_flops']
 
 # %% ../nbs/55_engine.ipynb #55657e02
 def word_mask(lens: torch.Tensor, L: int) -> torch.Tensor:
@@ -143,20 +143,45 @@ def caption_side(cap_embs: torch.Tensor, cap_lens: torch.Tensor, *, use_cls_as_g
     return CaptionSide(torch.stack(sets, 1), wmask, g)
 
 # %% ../nbs/55_engine.ipynb #de6b84cc
+@dataclass
+class PatchSelection:
+    "LPS of a block of pairs (no gradient)."
+    mask: torch.Tensor  # (bt, bv, N) 1 = kept
+    w_ext: torch.Tensor  # (bt, bv, N) fused-token weights, 0 at kept patches
+    mT: torch.Tensor  # (bv, bt, N) the mask, images first
+
+@torch.no_grad()
+def select_patches(im: ImageSide, cp: CaptionSide, n_keep: int) -> PatchSelection:
+    "Step 1 (spec section 2) for a block of pairs: the kept patches and the fused token's weights."
+    bv, N, C = im.X.shape
+    score = (cp.g @ im.Xn.reshape(bv * N, C).T).view(cp.g.shape[0], bv, N).add_(im.s_img)   # (bt,bv,N)
+    idx = score.topk(n_keep, dim=-1, sorted=False).indices                 # (bt,bv,K)
+    mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)
+    w_ext = score.exp_().scatter_(-1, idx, 0.0)
+    return PatchSelection(mask, w_ext, mask.transpose(0, 1).contiguous())
+
+def norm_squares(H: list, mT: torch.Tensor, Ns: int) -> torch.Tensor:
+    "Step 5: |u|^2 of every aggregated token, H from `sym_norm_terms`, mT (bv, bt, N) -> (bv, bt, N_s)."
+    inplace = not torch.is_grad_enabled()
+    bv, bt, _ = mT.shape
+    sq = None                                                              # (bv*bt,1,N_s)
+    for lo, hi, Hj in H:
+        Z = torch.bmm(mT[..., :hi], Hj).view(bv * bt, hi - lo, Ns)        # mask^T H over rows < hi
+        m = mT[..., lo:hi].reshape(bv * bt, 1, hi - lo)
+        sq = torch.bmm(m, Z) if sq is None else (sq.baddbmm_(m, Z) if inplace else sq.baddbmm(m, Z))
+    return sq.view(bv, bt, Ns)
+
 def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: str = 'max', score_threshold: float = 0.7,
-               temp: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    "A block of pairs: -> sims (bv, bt), score_mask (bt, bv, N)."
+               temp: torch.Tensor | float = 1.0, sel: PatchSelection | None = None,
+               sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "A block of pairs: -> sims (bv, bt), score_mask (bt, bv, N); `sel` and `sq` (bv, bt, N_s) when already computed."
     X, E, W = im.X, im.E, cp.W
     bv, N, C = X.shape; bt, ns, L, _ = W.shape
     Ns = im.logits.shape[-1]
     inplace = not torch.is_grad_enabled()
-    with torch.no_grad():                                                  # LPS (spec section 2)
-        score = (cp.g @ im.Xn.reshape(bv * N, C).T).view(bt, bv, N).add_(im.s_img)   # (bt,bv,N)
-        idx = score.topk(n_keep, dim=-1, sorted=False).indices             # (bt,bv,K)
-        mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)              # (bt,bv,N) 1 = kept
-        w_ext = score.exp_().scatter_(-1, idx, 0.0)                        # (bt,bv,N) fused-token weights
-        mT = mask.transpose(0, 1).contiguous()                             # (bv,bt,N)
-        mN = mask.permute(1, 2, 0)[..., None]                              # view (bv,N,bt,1)
+    sel = sel or select_patches(im, cp, n_keep)                            # LPS (spec section 2)
+    mask, w_ext, mT = sel.mask, sel.w_ext, sel.mT
+    mN = mask.permute(1, 2, 0)[..., None]                                  # view (bv,N,bt,1)
     Wf = W.reshape(bt * ns * L, C)
     D = (X.reshape(bv * N, C) @ Wf.T).view(bv, N, bt, ns * L)             # patch . word
     ext = torch.bmm(w_ext.transpose(0, 1), X)                              # (bv,bt,C) fused token, unnormalised
@@ -165,12 +190,7 @@ def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: str = 'ma
     Dm = D.mul_(mN) if inplace else D * mN                                 # kept patches only
     if E is not None:                                                      # per-image shift (step 2)
         num = torch.bmm(E.transpose(1, 2), Dm.view(bv, N, bt * ns * L))   # (bv,N_s,bt*ns*L)
-        sq = None                                                          # (bv*bt,1,N_s) |u|^2 (step 5)
-        for lo, hi, Hj in im.H:
-            Z = torch.bmm(mT[..., :hi], Hj).view(bv * bt, hi - lo, Ns)    # mask^T H over rows < hi
-            m = mT[..., lo:hi].reshape(bv * bt, 1, hi - lo)
-            sq = torch.bmm(m, Z) if sq is None else (sq.baddbmm_(m, Z) if inplace else sq.baddbmm(m, Z))
-        sq = sq.view(bv, bt, Ns)
+        if sq is None: sq = norm_squares(im.H, mT, Ns)                     # (bv,bt,N_s) |u|^2 (step 5)
     else:                                                                  # per-pair shift by the largest kept logit
         with torch.no_grad():
             top = im.logits[:, :, None].masked_fill(mN == 0, float('-inf')).amax(1, keepdim=True)
@@ -271,7 +291,14 @@ def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *,
     rows, masks = [], []
     for img_block in img_embs.split(bv):                                   # image side, once per image
         im = image_side(img_block, aggr_net, use_cls_as_glob)
-        out = [pair_block(im, cp, n_keep=K, method=method, score_threshold=score_threshold, temp=temp) for cp in caps]
+        sels = sqs = [None] * len(caps)
+        if torch.is_grad_enabled() and im.H is not None and len(caps) > 1:
+            # Training: the norms of all captions in one pass over H, so that H's backward runs once per
+            # image block instead of once per caption block (each a memory-bound pass over H).
+            sels = [select_patches(im, cp, K) for cp in caps]
+            sqs = norm_squares(im.H, torch.cat([s.mT for s in sels], 1), Ns).split([s.mT.shape[1] for s in sels], 1)
+        out = [pair_block(im, cp, n_keep=K, method=method, score_threshold=score_threshold, temp=temp, sel=sel, sq=sq)
+               for cp, sel, sq in zip(caps, sels, sqs)]
         rows.append(torch.cat([s for s, _ in out], 1) if out else img_embs.new_zeros(im.X.shape[0], 0))
         if with_mask: masks.append(torch.cat([m for _, m in out], 0) if out else img_embs.new_zeros(0, im.X.shape[0], N))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))

@@ -98,6 +98,9 @@ def test_fast_equals_reference_values_masks_and_every_gradient(T, method, use_cl
     assert (sims - sims_ref).abs().max() <= TOL
     assert torch.equal(mask, mask_ref)                                   # same kept patches (inputs are untied)
     _assert_grads_close(_grads(sims, net, img, cap, weights), g_ref)
+    sims_1, mask_1 = net(img, cap, lens, memory_budget=1)                # one pair a block: several caption blocks,
+    assert (sims_1 - sims_ref).abs().max() <= TOL and torch.equal(mask_1, mask_ref)   # norms over all of them at once
+    _assert_grads_close(_grads(sims_1, net, img, cap, weights), g_ref)
     net.eval()
     with torch.no_grad():                                                # the no-grad path updates in place
         assert (net(img, cap, lens) - sims_ref).abs().max() <= TOL
