@@ -3,7 +3,7 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
-#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (about 12 min
+#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (12-14 min
 #                    on a fresh clone of a 2-core machine; the measured numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 45 min
