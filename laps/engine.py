@@ -179,7 +179,7 @@ def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: str = 'ma
     bv, N, C = X.shape; bt, ns, L, _ = W.shape
     Ns = im.logits.shape[-1]
     inplace = not torch.is_grad_enabled()
-    sel = sel or select_patches(im, cp, n_keep)                            # LPS (spec section 2)
+    if sel is None: sel = select_patches(im, cp, n_keep)                   # LPS (spec section 2)
     mask, w_ext, mT = sel.mask, sel.w_ext, sel.mT
     mN = mask.permute(1, 2, 0)[..., None]                                  # view (bv,N,bt,1)
     Wf = W.reshape(bt * ns * L, C)
