@@ -4,14 +4,16 @@
 
 # %% ../nbs/65_metrics.ipynb #22f48b50
 from __future__ import annotations
-import math, os
+import json, math
 from pathlib import Path
 import numpy as np
 import torch
+from .atomic import atomic_file, write_json_atomic
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'retrieval_metrics_naive', 'evaluate_sims', 'format_metrics', 'save_sims', 'load_sims', 'ensemble_sims']
+           'retrieval_metrics_naive', 'evaluate_sims', 'format_metrics', 'sims_metadata_path', 'save_sims', 'load_sims',
+           'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -121,18 +123,17 @@ def format_metrics(metrics: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../nbs/65_metrics.ipynb #4ecc499c
-def save_sims(path, sims) -> Path:
-    "Write a similarity matrix to `path` (.npy) atomically."
+def sims_metadata_path(path) -> Path:
+    "The JSON sidecar beside a saved similarity matrix: `sims_test.npy` -> `sims_test.npy.json`."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            np.save(f, _as_numpy(sims))
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    return path.with_name(path.name + '.json')
+
+def save_sims(path, sims, dataset: str | None = None, split: str | None = None) -> Path:
+    "Write a similarity matrix to `path` (.npy) atomically; with `dataset`, its protocol goes into a JSON sidecar."
+    arr, path, meta = _as_numpy(sims), Path(path), sims_metadata_path(path)
+    with atomic_file(path, 'wb') as f: np.save(f, arr)
+    if dataset is None: meta.unlink(missing_ok=True)                    # a stale sidecar would describe another matrix
+    else: write_json_atomic(meta, {'dataset': dataset, 'split': split, 'protocol': dataset, 'shape': list(arr.shape)})
     return path
 
 def load_sims(path, mmap: bool = False) -> np.ndarray:
@@ -144,6 +145,16 @@ def load_sims(path, mmap: bool = False) -> np.ndarray:
     if not isinstance(arr, np.ndarray) or arr.ndim != 2:
         raise ValueError(f"{path} holds an array of shape {getattr(arr, 'shape', '?')}, expected 2-D (images, captions)")
     return arr
+
+def load_sims_metadata(path) -> dict | None:
+    "The sidecar `save_sims` wrote beside `path` (dataset, split, protocol, shape), or None when there is none."
+    meta = sims_metadata_path(path)
+    if not meta.is_file(): return None
+    try: d = json.loads(meta.read_text())
+    except (OSError, ValueError) as e: raise ValueError(f"{meta}: unreadable similarity-matrix metadata ({e})") from e
+    if not isinstance(d, dict) or not {'dataset', 'split', 'protocol', 'shape'} <= set(d):
+        raise ValueError(f"{meta}: expected a JSON object with dataset, split, protocol and shape")
+    return d
 
 def ensemble_sims(paths_or_arrays) -> np.ndarray:
     "Average of several similarity matrices (paths to .npy files or arrays), checking their shapes."
@@ -160,3 +171,26 @@ def ensemble_sims(paths_or_arrays) -> np.ndarray:
             raise ValueError(f"{name}: shape {arr.shape} differs from {first[0]}: {first[1]}")
         total += arr
     return total / len(items)
+
+def ensemble_protocol(paths, dataset: str | None = None, split: str | None = None) -> dict:
+    "{'dataset', 'split'} of saved matrices from their sidecars; members must agree; without sidecars `dataset` is needed."
+    paths = [Path(p) for p in paths]
+    if not paths: raise ValueError("an ensemble needs at least one similarity matrix")
+    found = {p: m for p in paths if (m := load_sims_metadata(p)) is not None}
+    for p, m in found.items():
+        shape = list(load_sims(p, mmap=True).shape)
+        if m['shape'] != shape: raise ValueError(f"{sims_metadata_path(p)} describes shape {m['shape']}, but {p} has {shape}")
+    ref_path, ref = next(iter(found.items()), (None, None))
+    for p, m in found.items():
+        for k in ('dataset', 'split', 'protocol'):
+            if m[k] != ref[k]: raise ValueError(f"{p} holds {k} {m[k]!r} but {ref_path} holds {ref[k]!r}; "
+                                                f"an ensemble averages matrices of one split under one protocol")
+    for flag, given in (('dataset', dataset), ('split', split)):
+        if ref is not None and given is not None and given != ref[flag]:
+            raise ValueError(f"--{flag} {given} disagrees with {sims_metadata_path(ref_path)}: {flag} {ref[flag]!r}")
+    missing = [str(p) for p in paths if p not in found]
+    if missing and dataset is None:
+        what = f"while {ref_path} holds {ref['dataset']!r}" if ref else "(saved without metadata)"
+        raise ValueError(f"{', '.join(missing)}: no {sims_metadata_path(missing[0]).suffix} sidecar naming the dataset "
+                         f"{what}; pass --dataset to say whose evaluation protocol applies")
+    return {'dataset': dataset or ref['dataset'], 'split': split or (ref['split'] if ref else None)}
