@@ -121,8 +121,8 @@ def _eval_overrides(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 def cmd_train(args) -> int:
+    cfg = config_from_args(args)                                       # a bad flag value fails before torch is imported
     from laps.runner import train
-    cfg = config_from_args(args)
     result = train(cfg, resume=args.resume, command=['laps', *sys.argv[1:]], progress=not args.no_progress)
     if not result.get('is_main', True): return 0                       # under torchrun only rank 0 reports
     m = result['best_metrics']
@@ -180,7 +180,6 @@ def _eval_ensemble(args) -> int:
     return 0
 
 def cmd_eval(args) -> int:
-    from laps.metrics import save_sims
     if args.ensemble: return _eval_ensemble(args)
     if args.target: runs = [Path(args.target)]
     elif args.dataset:                                                  # the released eval.py's command line
@@ -193,6 +192,7 @@ def cmd_eval(args) -> int:
     else:
         raise ValueError("laps eval needs a run directory, checkpoint folder or .pth, --ensemble SIMS.npy ..., or "
                          "--dataset to evaluate the released runs/<dataset>_vit and runs/<dataset>_swin")
+    from laps.metrics import save_sims
     results = {}
     for run in runs:
         out = evaluate_target(run, args)

@@ -1,0 +1,194 @@
+"""The command line as a new user meets it: one-line errors, the released eval command, ensembles, no dev tools."""
+import ast, fractions, json, os, re, subprocess, sys, tomllib
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, SwinConfig, ViTConfig
+import laps
+from laps.checkpoint import save_checkpoint
+from laps.config import LapsConfig
+from laps.metrics import evaluate_sims, format_metrics, load_sims, save_sims, sims_metadata_path
+from laps.model import LAPSModel
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / 'tests' / 'fixtures'
+
+
+def _laps(*args, cwd=ROOT):
+    "`python -m laps ARGS` in a subprocess that imports this checkout's laps."
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
+    return subprocess.run([sys.executable, '-m', 'laps', *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(out, *expected: str) -> str:
+    "Assert status 2 and exactly one `laps...: error:` line on stderr holding each of `expected`; return it."
+    assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+    assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and re.match(r'laps( \w+)?: error: ', lines[0]), out.stderr
+    for s in expected: assert s in lines[0], (s, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the runtime without dev tools
+
+def test_no_module_imports_dev_tools():
+    "`pip install .` has no fastcore/nbdev/execnb: no exported module may import them (at the top or inside a function)."
+    dev = {'fastcore', 'nbdev', 'execnb'}
+    found = []
+    for f in sorted((ROOT / 'laps').glob('*.py')):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{f.name}: {n}" for n in names if n.split('.')[0] in dev]
+    assert not found, found
+
+
+def test_package_docstring_and_version():
+    assert laps.__doc__ and laps.__doc__.startswith('LAPS (Linguistic-Aware Patch Slimming)')
+    assert laps.__version__ == tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']
+    assert laps.__version__ == re.search(r'^version\s*=\s*(\S+)', (ROOT / 'settings.ini').read_text(), re.M)[1]
+
+
+def test_help_texts_come_from_the_config_comments():
+    out = _laps('train', '--help')
+    assert out.returncode == 0, out.stderr
+    text = ' '.join(out.stdout.split())
+    assert ('--attention_weight ATTENTION_WEIGHT accepted for command-line compatibility; unused by the released '
+            'model (default: 0.8)') in text
+    assert '--sparse_ratio SPARSE_RATIO fraction of patches kept by LPS (default: 0.5)' in text
+    out = _laps('--help')
+    assert out.returncode == 0 and '--debug' in out.stdout and 'convert' in out.stdout
+
+
+# ---------------------------------------------------------------- expected errors: one line, status 2
+
+def _corrupt(p): p.write_bytes(b'PK\x03\x04 this is not a torch checkpoint' * 10)
+def _empty(p): p.write_bytes(b'')
+def _foreign_class(p): torch.save({'model': {'w': torch.ones(1)}, 'opt': fractions.Fraction(1, 3)}, p)  # refused
+def _foreign_dict(p): torch.save({'state_dict': {'fc.weight': torch.ones(2, 2)}, 'epoch': 3}, p)
+
+BAD = {'corrupt': (_corrupt, 'not a readable PyTorch checkpoint'),
+       'empty': (_empty, 'the file is empty'),
+       'foreign_class': (_foreign_class, 'refused to load: it contains a pickled Python object of type fractions.Fraction'),
+       'foreign_dict': (_foreign_dict, "expected a LAPS checkpoint dict with 'model'")}
+
+
+@pytest.mark.parametrize('case', sorted(BAD))
+def test_eval_bad_checkpoint_is_one_line(case, tmp_path):
+    path = tmp_path / f'{case}.pth'
+    make, why = BAD[case]
+    make(path)
+    _one_error_line(_laps('eval', path), f'laps: error: {path}: ', why)
+
+
+def test_eval_missing_file_and_a_checkpoint_of_another_model(tmp_path):
+    _one_error_line(_laps('eval', tmp_path / 'nowhere.pth'), f'checkpoint {tmp_path / "nowhere.pth"} does not exist')
+    # a published checkpoint of a tiny model: its flags name the paper's ViT-B/16 at 32 px, which leaves 4 patches
+    _one_error_line(_laps('eval', FIX / 'legacy_vit_improved.pth'), f'{FIX / "legacy_vit_improved.pth"}: ',
+                    "its 'opt' flags are not a valid configuration")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    path = tmp_path / 'bad.pth'
+    _corrupt(path)
+    for argv in (['--debug', 'eval', path], ['eval', path, '--debug']):
+        out = _laps(*argv)
+        assert out.returncode == 2 and out.stderr.startswith('Traceback (most recent call last)'), out.stderr[-2000:]
+        assert 'CheckpointError' in out.stderr and str(path) in out.stderr
+
+
+def test_usage_errors_are_one_line():
+    _one_error_line(_laps('eval', '--gpu-id', 'zero'), "argument --gpu-id/--gpu_id: invalid int value: 'zero'",
+                    '(see laps eval --help)')
+    _one_error_line(_laps('train', '--similarity_calc_method', 'cosine'), "invalid choice: 'cosine'")
+    _one_error_line(_laps('eval'), 'laps eval needs a run directory, checkpoint folder or .pth')
+    _one_error_line(_laps('train', '--sparse_ratio', '2'), 'sparse_ratio must be in (0, 1]')
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    _one_error_line(_laps('convert', tmp_path / 'nowhere.pth', tmp_path / 'out'), str(tmp_path / 'nowhere.pth'))
+    _corrupt(tmp_path / 'bad.pth')
+    _one_error_line(_laps('convert', tmp_path / 'bad.pth', tmp_path / 'out'), f'{tmp_path / "bad.pth"}: ',
+                    'not a readable PyTorch checkpoint')
+    assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- the released evaluation command line
+
+N_IMG = 4
+
+
+@pytest.fixture(scope='module')
+def released_layout(tmp_path_factory):
+    "A working folder as the released eval.py expects: data/f30k (test split only, real caption layout) and runs/."
+    root = tmp_path_factory.mktemp('released')
+    f30k = root / 'data' / 'f30k'
+    (f30k / 'images').mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    colours, shapes = ['red', 'green', 'blue', 'yellow'], ['circle', 'square', 'star', 'cross']
+    caps, ids, mapping = [], [], {}
+    for i in range(N_IMG):
+        img_id = 1000 + i
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(f30k / 'images' / f'{img_id}.jpg')
+        mapping[str(img_id)] = f'{img_id}.jpg'
+        caps += [f'a {colours[i]} {shapes[(i + k) % 4]} on the left number {k}' for k in range(5)]
+        ids += [str(img_id)] * 5
+    (f30k / 'test_caps.txt').write_text('\n'.join(caps) + '\n')
+    (f30k / 'test_ids.txt').write_text('\n'.join(ids) + '\n')
+    (f30k / 'id_mapping.json').write_text(json.dumps(mapping))
+    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    swin = SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4)
+    for kind, vision, folder in (('vit', vit, 'runs/f30k_vit/checkpoint_best'), ('swin', swin, 'runs/f30k_swin')):
+        torch.manual_seed(0)
+        cfg = LapsConfig(dataset='f30k', data_path='/elsewhere/data', vit_type=kind, img_res=32, num_patches=16,
+                         embed_size=16, bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0)
+        save_checkpoint(root / folder, LAPSModel(cfg, vision, text), save_rng=False)
+    return root
+
+
+def test_released_eval_command(released_layout):
+    root = released_layout
+    out = _laps('eval', '--dataset', 'f30k', '--data_path', 'data/', '--gpu-id', '0', '--save_results', '1',
+                '--no_progress', cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for run in ('runs/f30k_vit', 'runs/f30k_swin'):                      # a table per model, in the released order
+        sims = load_sims(root / run / 'results_f30k.npy')
+        assert sims.shape == (N_IMG, 5 * N_IMG)
+        assert json.loads(sims_metadata_path(root / run / 'results_f30k.npy').read_text()) == \
+            {'dataset': 'f30k', 'split': 'test', 'protocol': 'f30k', 'shape': [N_IMG, 5 * N_IMG]}
+        assert f"{run} (f30k test)\n{format_metrics(evaluate_sims(sims, 'f30k'))}" in out.stdout
+    assert out.stdout.index('runs/f30k_vit') < out.stdout.index('runs/f30k_swin')
+    # the saved matrices ensemble under the protocol their sidecars name
+    a, b = (root / r / 'results_f30k.npy' for r in ('runs/f30k_vit', 'runs/f30k_swin'))
+    ens = _laps('eval', '--ensemble', a, b, '--json', cwd=root)
+    assert ens.returncode == 0, ens.stderr[-3000:]
+    expected = evaluate_sims((load_sims(a).astype(np.float32) + load_sims(b)) / 2, 'f30k')
+    assert json.loads(ens.stdout) == pytest.approx(expected)
+    _one_error_line(_laps('eval', '--ensemble', a, b, '--dataset', 'coco', cwd=root), '--dataset coco disagrees with')
+
+
+def test_released_eval_errors(released_layout, tmp_path):
+    _one_error_line(_laps('eval', '--dataset', 'coco', '--data_path', 'data/', cwd=released_layout),
+                    'neither runs/coco_vit nor runs/coco_swin exists')
+    # a published model_best.pth in runs/<dataset>_swin that is not a checkpoint: the error names it
+    (tmp_path / 'runs' / 'f30k_swin').mkdir(parents=True)
+    _corrupt(tmp_path / 'runs' / 'f30k_swin' / 'model_best.pth')
+    _one_error_line(_laps('eval', '--dataset', 'f30k', cwd=tmp_path),
+                    'runs/f30k_swin/model_best.pth: not a readable PyTorch checkpoint')
+
+
+def test_ensemble_needs_a_protocol(tmp_path):
+    s = np.random.default_rng(0).standard_normal((2, 10)).astype(np.float32)
+    plain = save_sims(tmp_path / 'plain.npy', s)
+    coco = save_sims(tmp_path / 'coco.npy', s, 'coco', 'testall')
+    f30k = save_sims(tmp_path / 'f30k.npy', s, 'f30k', 'test')
+    _one_error_line(_laps('eval', '--ensemble', plain), f'{plain}: no .json sidecar naming the dataset', 'pass --dataset')
+    _one_error_line(_laps('eval', '--ensemble', coco, f30k), f"{f30k} holds dataset 'f30k' but {coco} holds 'coco'")
+    _one_error_line(_laps('eval', '--ensemble', coco, plain), f"while {coco} holds 'coco'")
+    out = _laps('eval', '--ensemble', plain, '--dataset', 'f30k', '--json')
+    assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(evaluate_sims(s, 'f30k'))
