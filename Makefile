@@ -9,6 +9,8 @@
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 45 min
 #                    on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
+#   make check-install  `pip install .` (no extras) into a fresh temporary venv and run `laps` there:
+#                    the runtime needs no dev tools (CI; about 2 min on 2 free cores, torch from TORCH_SPEC)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -18,7 +20,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.laps-installed
 
-.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick
+.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick \
+	check-install
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -79,3 +82,23 @@ reports: $(STAMP)
 # OpenMP threads are several times slower there).
 reports-quick: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m laps report --all --quick $(REPORT_ARGS)
+
+# A new user's install: a fresh venv outside the checkout, torch from TORCH_SPEC first (an unpinned torch would pull
+# the multi-GB CUDA build), then `pip install .` without extras from a copy of the working tree (so no stale build/
+# or egg-info is reused), and the commands run from outside the checkout so that the installed package is the one
+# imported. fastcore (nbdev's) must be absent and every laps module must import without it.
+check-install:
+	@start=$$(date +%s); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; set -e; \
+	mkdir "$$tmp/src"; git ls-files -co --exclude-standard -z | tar -c --null -T - -f - | tar -x -C "$$tmp/src" -f -; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q "$(TORCH_SPEC)"; \
+	"$$tmp/venv/bin/python" -m pip install -q "$$tmp/src"; \
+	cd "$$tmp"; \
+	! venv/bin/python -c "import fastcore" 2>/dev/null || { echo "check-install: fastcore is installed"; exit 1; }; \
+	venv/bin/laps --help > /dev/null; \
+	venv/bin/laps data synthetic --out "$$tmp/data/synthetic" --n_train 4 --n_dev 2 --n_test 2 --img_size 16; \
+	venv/bin/python -c "import laps; laps.LAPSModel; print('import laps', laps.__version__, 'from', laps.__file__)"; \
+	venv/bin/python -c "import importlib, pkgutil, laps; \
+	  mods = [m.name for m in pkgutil.iter_modules(laps.__path__, 'laps.')]; [importlib.import_module(m) for m in mods]; \
+	  print('imported', len(mods), 'laps modules without dev tools')"; \
+	echo "check-install: passed in $$(( $$(date +%s) - start )) s"
