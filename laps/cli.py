@@ -140,7 +140,7 @@ def evaluate_target(target, args):
     from laps.datasets import get_dataset
     from laps.evaluation import evaluate_split
     from laps.distributed import init_distributed, cleanup_distributed, barrier
-    model, cfg, info = load_any_checkpoint(target)
+    model, cfg, _ = load_any_checkpoint(target)
     cfg = cfg.replace(**_eval_overrides(args))
     model.cross_net.engine = cfg.engine
     split = args.split or get_dataset(cfg.dataset).test_split
