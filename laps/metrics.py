@@ -4,10 +4,12 @@
 
 # %% ../nbs/65_metrics.ipynb #22f48b50
 from __future__ import annotations
-import math, os
+import math
 from pathlib import Path
 import numpy as np
 import torch
+from .atomic import atomic_file
+from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
@@ -87,22 +89,26 @@ def retrieval_metrics_naive(sims, captions_per_image: int = 5) -> dict[str, floa
     return metrics_from_ranks(*retrieval_ranks_naive(sims, captions_per_image))
 
 # %% ../nbs/65_metrics.ipynb #e79df184
-def evaluate_sims(sims, dataset: str, captions_per_image: int = 5, fold_size: int = 1000,
+def evaluate_sims(sims, dataset: str,  # a registered dataset: its spec gives the protocol
+                  captions_per_image: int | None = None,  # None: the dataset's
+                  fold_size: int | None = None,  # None: the protocol's (small folds make it testable)
                   chunk_size: int = 256) -> dict[str, float]:
-    "Metrics of a split's similarity matrix: f30k/synthetic whole; coco fold-mean 1K on top plus `5k_*`."
-    if dataset in ('f30k', 'synthetic'): return retrieval_metrics(sims, captions_per_image, chunk_size)
-    if dataset != 'coco': raise ValueError(f"dataset must be 'f30k', 'coco' or 'synthetic'; got {dataset!r}")
+    "Metrics of a split's similarity matrix by its dataset's protocol: one pass, or fold means on top plus the prefixed whole split (COCO: `5k_*`)."
+    spec = get_dataset(dataset)
+    cpi = spec.captions_per_image if captions_per_image is None else captions_per_image
+    fold = spec.protocol.fold_size if fold_size is None else fold_size
+    if fold is None: return retrieval_metrics(sims, cpi, chunk_size)
     s = _as_tensor(sims)
-    _check_sims(s, captions_per_image)
+    _check_sims(s, cpi)
     n_img = s.shape[0]
-    if n_img % fold_size:
-        raise ValueError(f"the COCO protocol needs a multiple of fold_size={fold_size} images (testall: 5000), "
-                         f"got {n_img}; evaluate with dataset='f30k' for a single pass")
-    folds = [retrieval_metrics(s[f * fold_size:(f + 1) * fold_size,
-                                 f * fold_size * captions_per_image:(f + 1) * fold_size * captions_per_image],
-                               captions_per_image, chunk_size) for f in range(n_img // fold_size)]
+    if n_img % fold:
+        raise ValueError(f"the {dataset} protocol scores folds of fold_size={fold} images and needs a multiple of "
+                         f"{fold} images ({spec.test_split} of the real dataset has one), got {n_img}")
+    folds = [retrieval_metrics(s[f * fold:(f + 1) * fold, f * fold * cpi:(f + 1) * fold * cpi], cpi, chunk_size)
+             for f in range(n_img // fold)]
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS}
-    out.update({f'5k_{k}': v for k, v in retrieval_metrics(s, captions_per_image, chunk_size).items()})
+    prefix = spec.protocol.full_pass_prefix
+    if prefix: out.update({f'{prefix}{k}': v for k, v in retrieval_metrics(s, cpi, chunk_size).items()})
     return out
 
 # %% ../nbs/65_metrics.ipynb #e3d98f3d
@@ -122,17 +128,9 @@ def format_metrics(metrics: dict) -> str:
 
 # %% ../nbs/65_metrics.ipynb #4ecc499c
 def save_sims(path, sims) -> Path:
-    "Write a similarity matrix to `path` (.npy) atomically."
+    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`)."
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            np.save(f, _as_numpy(sims))
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    with atomic_file(path, 'wb') as f: np.save(f, _as_numpy(sims))
     return path
 
 def load_sims(path, mmap: bool = False) -> np.ndarray:

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from laps.config import get_config
-from laps.data import (read_split, check_images, image_folder, load_image, random_resized_crop_box, train_transform,
+from laps.config import LapsConfig, get_config
+from laps.datasets import DatasetSpec, TrainAugmentation, register_dataset, get_dataset, image_folder
+from laps.registry import DATASETS
+from laps.data import (read_split, check_images, load_image, random_resized_crop_box, train_transform,
                        eval_transform, apply_train_params, to_normalized_tensor, load_tokenizer, caption_words,
                        encode_caption, word_actions, augment_words, KEEP, MASK, RANDOM, DELETE, TrainDataset,
                        ImageDataset, CaptionDataset, collate, build_loader, build_train_loader, build_eval_loaders,
@@ -44,7 +46,7 @@ def toy_images(tmp_path, n_img=3, size=(24, 20)):
         a = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
         a[..., k] = 255
         Image.fromarray(a).save(d / 'images' / f'im{k}.png')
-    return read_split(tmp_path, 'toy', 'test'), d / 'images'
+    return read_split(tmp_path, 'toy', 'test', 5), d / 'images'
 
 
 # ---------------------------------------------------------------- reader on the real files
@@ -96,7 +98,7 @@ def test_bad_caption_files(tmp_path, case, match):
     d = write_split(tmp_path, caps, ids, mapping)
     if case == 'json': (d / 'id_mapping.json').write_text('{"7": "a.jpg",')
     with pytest.raises(ValueError, match=match):
-        read_split(tmp_path, 'toy', 'test')
+        read_split(tmp_path, 'toy', 'test', 5)
 
 
 def test_missing_folder_and_files(tmp_path):
@@ -106,9 +108,9 @@ def test_missing_folder_and_files(tmp_path):
     for name in ('test_ids.txt', 'id_mapping.json'):
         (d / name).rename(d / (name + '.bak'))
         with pytest.raises(FileNotFoundError, match=rf'{name} not found \(split \'test\' of toy needs'):
-            read_split(tmp_path, 'toy', 'test')
+            read_split(tmp_path, 'toy', 'test', 5)
         (d / (name + '.bak')).rename(d / name)
-    assert read_split(tmp_path, 'toy', 'test').n_images == 1
+    assert read_split(tmp_path, 'toy', 'test', 5).n_images == 1
 
 
 def test_corrupt_image_names_file(tmp_path, tok):
@@ -124,10 +126,23 @@ def test_corrupt_image_names_file(tmp_path, tok):
 
 
 def test_image_folder_choice():
-    assert image_folder('data/', 'f30k') == Path('data/f30k/images')
-    assert image_folder('data/', 'f30k', f30k_img_path='/x/flickr') == Path('/x/flickr')
-    assert image_folder('data/', 'coco', '/x/flickr', '/y/coco') == Path('/y/coco')
-    assert image_folder('data/', 'synthetic', '/x/flickr', '/y/coco') == Path('data/synthetic/images')
+    cfg = LapsConfig(data_path='data/', dataset='f30k')
+    assert image_folder(cfg) == Path('data/f30k/images')
+    assert image_folder(cfg.replace(f30k_img_path='/x/flickr')) == Path('/x/flickr')
+    assert image_folder(cfg.replace(dataset='coco', f30k_img_path='/x/flickr', coco_img_path='/y/coco')) == Path('/y/coco')
+    assert image_folder(cfg.replace(dataset='synthetic', f30k_img_path='/x/flickr', coco_img_path='/y/coco')) == \
+        Path('data/synthetic/images')
+    assert image_folder(cfg.replace(f30k_img_path='/x/flickr', img_path='/z/any')) == Path('/z/any')   # the generic flag wins
+    assert image_folder(cfg.replace(dataset='synthetic', img_path='/z/any')) == Path('/z/any')
+
+
+def test_unknown_dataset_lists_the_registered_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset must be one of 'f30k', 'coco', 'synthetic'; got 'flickr'"):
+        LapsConfig(dataset='flickr')
+    write_split(tmp_path, [f'c{j}' for j in range(5)], [1] * 5, {1: 'a.jpg'})
+    with pytest.raises(KeyError, match=r"unknown dataset 'toy'; registered: f30k, coco, synthetic"):
+        read_split(tmp_path, 'toy', 'test')                             # no spec, no count: no silent default of 5
+    assert read_split(tmp_path, 'toy', 'test', captions_per_image=5).captions_per_image == 5
 
 
 # ---------------------------------------------------------------- transforms
@@ -271,7 +286,7 @@ def test_flip_swaps_left_right(tmp_path, tok):
     (d / 'images').mkdir()
     a = np.zeros((16, 16, 3), np.uint8); a[:, :8, 0] = 255; a[:, 8:, 2] = 255
     Image.fromarray(a).save(d / 'images' / 'x.png')
-    s = read_split(tmp_path, 'toy', 'test')
+    s = read_split(tmp_path, 'toy', 'test', 5)
     ds = TrainDataset(s, d / 'images', tok, img_res=16, size_augment=False, crop_scale=(1.0, 1.0),
                       flip_tokens=flip_token_map(tok))
     left, right = tok.convert_tokens_to_ids(['left', 'right'])
