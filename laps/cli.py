@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, dataclasses, json, shlex, sys
 from fastcore.docments import docments
 from .config import LapsConfig, PRESETS, get_config
+from .registry import DATASETS
 
 # %% auto #0
 __all__ = ['add_config_flags', 'config_from_args', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
@@ -36,7 +37,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.type in _SCALAR_TYPES:
             choices = {'similarity_calc_method': ('max', 'attn', 'thres'), 'token_selection_strategy': ('ratio', 'score'),
                        'vit_type': ('vit', 'swin'), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
-                       'dataset': ('f30k', 'coco', 'synthetic')}.get(f.name)
+                       'dataset': DATASETS.names()}.get(f.name)
             parser.add_argument(*names, type=_SCALAR_TYPES[f.type], choices=choices, **kw)
         else: raise TypeError(f"LapsConfig.{f.name}: no CLI mapping for type {f.type}")
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('target', nargs='?', help='run directory, checkpoint folder or legacy .pth')
     e.add_argument('--split', default='test', help='split to evaluate (default: test; coco: testall)')
     e.add_argument('--data_path', default=None, help='override the data folder recorded in the checkpoint')
-    e.add_argument('--dataset', default=None, choices=('f30k', 'coco', 'synthetic'), help='override the dataset')
+    e.add_argument('--dataset', default=None, choices=DATASETS.names(), help='override the dataset')
     e.add_argument('--f30k_img_path', default=None); e.add_argument('--coco_img_path', default=None)
     e.add_argument('--engine', default=None, choices=('fast', 'reference'))
     e.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N')

@@ -14,7 +14,8 @@ from .model import LAPSModel
 from .training import (seed_everything, optimizer_for, set_epoch_lr, training_step,
                            make_alignment_loss)
 from .evaluation import evaluate_split
-from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images, cfg_image_folder
+from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images
+from .datasets import image_folder
 from .checkpoint import save_checkpoint, load_checkpoint, restore_rng_states
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
@@ -104,7 +105,7 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.bert_path)
     train_loader, sampler = _train_loader(cfg, tokenizer, info)
-    if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), cfg_image_folder(cfg))
+    if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), image_folder(cfg))
     model = LAPSModel(cfg, vision_backbone, text_backbone).to(device)  # the same initial weights on every rank
     optimizer = optimizer_for(model, cfg)
     start_epoch, global_step, best_rsum, best_metrics = 0, 0, -math.inf, {}

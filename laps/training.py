@@ -4,7 +4,7 @@
 
 # %% ../nbs/70_training.ipynb #b9940a56
 from __future__ import annotations
-import math, random
+import inspect, random
 import numpy as np
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from .losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, 
                          DistanceWeightedTripletLoss)
 from .model import LAPSModel
 from .checkpoint import _unwrap
+from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['BACKBONE_PREFIXES', 'resolve_device', 'seed_everything', 'build_optimizer', 'optimizer_for', 'lr_factor',
@@ -64,13 +65,17 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, learning_rate: float, epoch: 
 
 # %% ../nbs/70_training.ipynb #823a5670
 def make_alignment_loss(cfg: LapsConfig):
-    "The alignment criterion of `cfg.loss`: fn(sims, img_ids, epoch) -> scalar."
-    if cfg.loss == 'trip':
-        trip = DistanceWeightedTripletLoss(margin=cfg.margin, embed_dim=cfg.embed_size,
-                                           nonzero_loss_cutoff=1.9 if cfg.dataset == 'coco' else 1.7)
-        return lambda sims, img_ids, epoch: trip(sims, img_ids)
+    "The alignment criterion of `cfg.loss` with its dataset's `loss_overrides` (COCO: trip cutoff 1.9): fn(sims, img_ids, epoch) -> scalar."
+    extra = get_dataset(cfg.dataset).loss_overrides.get(cfg.loss, {})
+    try:
+        if cfg.loss == 'trip':
+            trip = DistanceWeightedTripletLoss(margin=cfg.margin, embed_dim=cfg.embed_size, **extra)
+            return lambda sims, img_ids, epoch: trip(sims, img_ids)
+        inspect.signature(hinge_triplet_loss).bind(None, None, cfg.margin, False, **extra)
+    except TypeError as e:
+        raise ValueError(f"dataset {cfg.dataset!r}: loss_overrides[{cfg.loss!r}] = {extra} does not fit that loss ({e})") from None
     return lambda sims, img_ids, epoch: hinge_triplet_loss(
-        sims, img_ids, cfg.margin, use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation))
+        sims, img_ids, cfg.margin, use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation), **extra)
 
 def _grad_norm(params) -> float:
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
