@@ -4,11 +4,11 @@
 
 # %% ../nbs/67_checkpoint.ipynb #a0d3807a
 from __future__ import annotations
-import json, logging, os, shutil, tempfile
-from contextlib import contextmanager
+import json
 from pathlib import Path
 import torch
 from torch import nn
+from .atomic import atomic_folder, with_backup
 from .config import LapsConfig
 from .rng import rng_states, restore_rng_states  # restore_rng_states: laps.runner imports it from here until 78_runner imports laps.rng
 from .state_dicts import CheckpointError
@@ -16,53 +16,8 @@ from .pretrained import write_pretrained, load_pretrained, read_json
 from .model import LAPSModel, unwrap_model
 from .legacy import load_legacy_checkpoint
 
-logger = logging.getLogger(__name__)
-
 # %% auto #0
-__all__ = ['logger', 'atomic_folder', 'save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'resolve_checkpoint',
-           'load_any_checkpoint']
-
-# %% ../nbs/67_checkpoint.ipynb #95743200
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try: os.fsync(fd)
-        finally: os.close(fd)
-    except OSError: pass                                                    # not supported (e.g. some network filesystems)
-
-def _fsync_file(path: Path) -> None:
-    with open(path, 'rb+') as f: os.fsync(f.fileno())
-
-def _backup_path(path: Path) -> Path: return path.with_name(f'.{path.name}.old')
-
-def _with_backup(path: Path) -> Path:
-    "`path`, or its `.old` backup when a save was interrupted between its two renames."
-    if not path.exists() and _backup_path(path).is_dir():
-        logger.warning("%s is missing; using %s left by an interrupted save", path, _backup_path(path))
-        return _backup_path(path)
-    return path
-
-@contextmanager
-def atomic_folder(path):
-    "Yield a temporary folder next to `path`; on success it replaces `path` as a whole, on error it vanishes."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f'.{path.name}.tmp-*'): shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
-    old = _backup_path(path)
-    try:
-        yield tmp
-        for f in tmp.iterdir(): _fsync_file(f)
-        _fsync_dir(tmp)
-        if old.exists(): shutil.rmtree(old)
-        if path.exists(): os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not path.exists() and old.exists(): os.replace(old, path)        # failed between the two renames
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+__all__ = ['save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'resolve_checkpoint', 'load_any_checkpoint']
 
 # %% ../nbs/67_checkpoint.ipynb #19b4d09e
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
@@ -93,14 +48,14 @@ def load_trainer_state(path, map_location='cpu') -> dict:
 
 def load_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = None) -> tuple[LAPSModel, LapsConfig, dict]:
     "Rebuild the model of a checkpoint folder offline and load its weights: (model, cfg, state)."
-    path = _with_backup(Path(path))
+    path = with_backup(Path(path))
     model = load_pretrained(LAPSModel, path, map_location, cfg)
     return model, model.cfg, {'format': 'laps', 'path': str(path), **load_trainer_state(path, map_location)}
 
 # %% ../nbs/67_checkpoint.ipynb #0b796704
 def resolve_checkpoint(path) -> tuple[str, Path]:
     "('laps' | 'legacy', path) for a run folder, a checkpoint folder or a .pth file."
-    path = _with_backup(Path(path))
+    path = with_backup(Path(path))
     if path.is_file(): return 'legacy', path
     if not path.is_dir(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / 'model.safetensors').is_file() or (path / 'backbones.json').is_file(): return 'laps', path

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, logging, pickle, re
 from pathlib import Path
 import torch
+from .atomic import atomic_folder
 from .config import LapsConfig, DEFAULT_VISION_BACKBONES
 from .encoders import BUILTIN_CONFIGS, backbone_config, num_spatial_patches
 from .state_dicts import CheckpointError, VISION_PREFIX
@@ -174,4 +175,5 @@ def convert_checkpoint(src_pth, out_folder, vision_backbone=None, text_backbone=
     facts = ', '.join(f"{k} {info[k]}" for k in ('epoch', 'best_rsum', 'Eiters') if k in info)
     source = '\n'.join([f"- converted from the published checkpoint `{src.name}`" + (f" ({facts})" if facts else '')
                         + " with `laps.legacy.convert_checkpoint`", *[f"- {n}" for n in info['notes']]])
-    return write_pretrained(out, model, cfg, state=state, source=source)
+    with atomic_folder(out) as tmp: write_pretrained(tmp, model, cfg, state=state, source=source)
+    return out

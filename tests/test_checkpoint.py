@@ -144,7 +144,7 @@ def test_killed_between_renames_uses_backup(tiny_vit, tiny_bert, tmp_path, caplo
     p = save_checkpoint(tmp_path / 'run' / 'checkpoint_best', model, trainer_state={'epoch': 4})
     os.replace(p, p.with_name('.checkpoint_best.old'))                      # what a kill at that moment leaves
     (tmp_path / 'run' / '.checkpoint_best.tmp-zzz').mkdir()                 # and a stale temp folder
-    with caplog.at_level(logging.WARNING, logger='laps.checkpoint'):
+    with caplog.at_level(logging.WARNING, logger='laps.atomic'):
         assert load_any_checkpoint(tmp_path / 'run')[2]['epoch'] == 4
         assert load_checkpoint(p)[2]['epoch'] == 4
     assert 'interrupted save' in caplog.text
@@ -490,7 +490,8 @@ def test_convert_checkpoint_refuses_a_non_empty_folder_and_bad_sources(tmp_path)
         convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', **TINY['legacy_vit_improved'])
     assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['keep.txt']
     convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', overwrite=True, **TINY['legacy_vit_improved'])
-    assert (tmp_path / 'out' / 'model.safetensors').is_file()
+    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['out']                # replaced as a whole, nothing left over
     (tmp_path / 'bad.pth').write_text('hello, not a checkpoint')
     with pytest.raises(CheckpointError, match=r'bad\.pth: not a readable PyTorch checkpoint'):
         convert_checkpoint(tmp_path / 'bad.pth', tmp_path / 'out2')
