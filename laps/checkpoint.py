@@ -8,16 +8,17 @@ import json
 from pathlib import Path
 import torch
 from torch import nn
-from .atomic import atomic_folder, with_backup
+from .atomic import atomic_folder, with_backup, write_text_atomic
 from .config import LapsConfig
 from .rng import rng_states, restore_rng_states  # restore_rng_states: laps.runner imports it from here until 78_runner imports laps.rng
 from .state_dicts import CheckpointError
-from .pretrained import write_pretrained, load_pretrained, read_json
+from .pretrained import write_pretrained, load_pretrained, read_json, config_from_json, model_card
 from .model import LAPSModel, unwrap_model
 from .legacy import load_legacy_checkpoint
 
 # %% auto #0
-__all__ = ['save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'resolve_checkpoint', 'load_any_checkpoint']
+__all__ = ['save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'refresh_model_card', 'resolve_checkpoint',
+           'load_any_checkpoint']
 
 # %% ../nbs/67_checkpoint.ipynb #19b4d09e
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
@@ -51,6 +52,14 @@ def load_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = None) -> 
     path = with_backup(Path(path))
     model = load_pretrained(LAPSModel, path, map_location, cfg)
     return model, model.cfg, {'format': 'laps', 'path': str(path), **load_trainer_state(path, map_location)}
+
+def refresh_model_card(path) -> Path | None:
+    "Rewrite the README.md of a checkpoint folder in a run directory from its config, trainer state and the run's files."
+    path = Path(path)
+    if not (path.parent / 'commands.jsonl').is_file(): return None        # not in a run directory: the card stays
+    cfg = config_from_json(read_json(path / 'config.json'), path / 'config.json')
+    state = read_json(path / 'trainer_state.json') if (path / 'trainer_state.json').is_file() else None
+    return write_text_atomic(path / 'README.md', model_card(cfg, path.parent, state))
 
 # %% ../nbs/67_checkpoint.ipynb #0b796704
 def resolve_checkpoint(path) -> tuple[str, Path]:

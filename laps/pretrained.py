@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['logger', 'CARD_TAGS', 'CHECKPOINT_FORMAT', 'PRETRAINED_FILES', 'backbone_to_dict', 'backbone_from_dict',
-           'build_checked', 'model_card', 'write_pretrained', 'read_json', 'read_pretrained', 'load_pretrained',
-           'LapsHubMixin']
+           'build_checked', 'model_card', 'write_pretrained', 'read_json', 'config_from_json', 'read_pretrained',
+           'load_pretrained', 'LapsHubMixin']
 
 # %% ../nbs/47_pretrained.ipynb #39df1c76
 def backbone_to_dict(config: PretrainedConfig) -> dict:
@@ -108,7 +108,7 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
         argv = first.get('argv')
         cmd = shlex.join([Path(argv[0]).name, *map(str, argv[1:])]) if isinstance(argv, list) and argv else str(argv)
         lines.append(f"- training command: `{cmd}`")
-        if len(commands) > 1: lines.append(f"- resumed or re-run {len(commands) - 1} time(s) (`{run_dir.name}/commands.jsonl`)")
+        if len(commands) > 1: lines.append(f"- {len(commands) - 1} later command(s) in `{run_dir.name}/commands.jsonl` (resumes, evaluations)")
         commits = list(dict.fromkeys(str(c.get('commit')) for c in commands))
         lines.append(f"- commit: {', '.join(f'`{c}`' for c in commits)}")
         if first.get('time'): lines.append(f"- started: {first['time']}")
@@ -159,7 +159,8 @@ def read_json(path: Path) -> dict:
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
 
-def _config_from_json(d: dict, source) -> LapsConfig:
+def config_from_json(d: dict, source) -> LapsConfig:
+    "A `LapsConfig` from a folder's config.json dict (unknown fields ignored with a warning); `CheckpointError` naming `source`."
     names = set(LapsConfig.__dataclass_fields__)
     unknown = sorted(set(d) - names)
     if unknown: logger.warning("%s: ignoring unknown config field(s) %s", source, ', '.join(unknown))
@@ -172,7 +173,7 @@ def read_pretrained(folder) -> tuple[LapsConfig, PretrainedConfig, PretrainedCon
     if not path.is_dir(): raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     missing = [f for f in PRETRAINED_FILES if not (path / f).is_file()]
     if missing: raise CheckpointError(f"{path}: not a complete laps checkpoint folder (missing {', '.join(missing)})")
-    backbones, saved = read_json(path / 'backbones.json'), _config_from_json(read_json(path / 'config.json'), path / 'config.json')
+    backbones, saved = read_json(path / 'backbones.json'), config_from_json(read_json(path / 'config.json'), path / 'config.json')
     try: vision, text = backbone_from_dict(backbones['vision']), backbone_from_dict(backbones['text'])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path / 'backbones.json'}: invalid backbone configs ({e})") from e

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import ViTConfig, SwinConfig, BertConfig, ViTModel, SwinModel, BertModel
 import laps.pretrained
-from laps.checkpoint import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint
+from laps.checkpoint import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
 from laps.legacy import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
 from laps.rng import rng_states, restore_rng_states
 from laps.state_dicts import CheckpointError
@@ -248,16 +248,20 @@ def test_checkpoint_folders_are_save_pretrained_folders_with_a_run_card(tiny_vit
     (run / 'commands.jsonl').write_text(json.dumps({'argv': ['/venv/bin/laps', 'train', '--preset', 'cpu', '--logger_name', 'run'],
                                                     'commit': 'abc1234+dirty', 'time': '2024-06-01T10:00:00+00:00'}) + '\n')
     test_m = {f'{d}_{k}': v for d in ('i2t', 't2i') for k, v in (('r1', 11.0), ('r5', 22.0), ('r10', 33.0))} | {'rsum': 132.0}
-    (run / 'metrics_test.json').write_text(json.dumps(test_m))
     best = dict(test_m, rsum=140.0, epoch=2, step=30)
     p = save_checkpoint(run / 'checkpoint_best', model, trainer_state={'epoch': 2, 'step': 30, 'best_rsum': 140.0, 'best_metrics': best})
     assert torch.equal(_sims(LAPSModel.from_pretrained(p)), _sims(load_checkpoint(p)[0]))
+    assert '| test ' not in (p / 'README.md').read_text()                   # saved during training: not evaluated on test yet
+    (run / 'metrics_test.json').write_text(json.dumps(test_m))              # what an evaluation of the run leaves
+    assert refresh_model_card(p) == p / 'README.md'
     card = (p / 'README.md').read_text()
     assert '- training command: `laps train --preset cpu --logger_name run`' in card
     assert '- commit: `abc1234+dirty`' in card and '- this checkpoint: epoch 2, step 30' in card
     assert '| test (`metrics_test.json`) | 11.0 | 22.0 | 33.0 | 11.0 | 22.0 | 33.0 | 132.0 |' in card
     assert '| dev (best so far: epoch 2, step 30) | 11.0 | 22.0 | 33.0 | 11.0 | 22.0 | 33.0 | 140.0 |' in card
     assert "dataset `f30k`" in card
+    model.save_pretrained(tmp_path / 'alone')
+    assert refresh_model_card(tmp_path / 'alone') is None                   # outside a run directory the card stays
 
 
 def test_unwrap_model_and_saving_a_wrapped_model(tiny_vit, tiny_bert, tmp_path):
