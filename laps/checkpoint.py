@@ -12,7 +12,7 @@ from .atomic import atomic_folder, with_backup, write_text_atomic
 from .config import LapsConfig
 from .rng import rng_states, restore_rng_states  # restore_rng_states: laps.runner imports it from here until 78_runner imports laps.rng
 from .state_dicts import CheckpointError
-from .pretrained import write_pretrained, load_pretrained, read_json, config_from_json, model_card
+from .pretrained import write_pretrained, load_pretrained, read_json, config_from_json, model_card, backbone_from_dict
 from .model import LAPSModel, unwrap_model
 from .legacy import load_legacy_checkpoint
 
@@ -59,7 +59,9 @@ def refresh_model_card(path) -> Path | None:
     if not (path.parent / 'commands.jsonl').is_file(): return None        # not in a run directory: the card stays
     cfg = config_from_json(read_json(path / 'config.json'), path / 'config.json')
     state = read_json(path / 'trainer_state.json') if (path / 'trainer_state.json').is_file() else None
-    return write_text_atomic(path / 'README.md', model_card(cfg, path.parent, state))
+    try: backbones = {k: backbone_from_dict(v) for k, v in read_json(path / 'backbones.json').items() if k in ('vision', 'text')}
+    except (KeyError, TypeError, ValueError): backbones = None
+    return write_text_atomic(path / 'README.md', model_card(cfg, path.parent, state, backbones=backbones))
 
 # %% ../nbs/67_checkpoint.ipynb #0b796704
 def resolve_checkpoint(path) -> tuple[str, Path]:

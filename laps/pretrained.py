@@ -72,8 +72,15 @@ def _metric_rows(label: str, m: dict) -> list[str]:
             rows.append(f"| {name} | " + ' | '.join(f"{m[k]:.1f}" for k in keys) + ' |')
     return rows
 
-def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None) -> str:
+def _arch(config: PretrainedConfig | None) -> str:
+    if config is None: return ''
+    layers = getattr(config, 'depths', None) or getattr(config, 'num_hidden_layers', None)
+    return f"; architecture saved in `backbones.json`: {config.model_type}, layers {layers}, hidden size {getattr(config, 'hidden_size', '?')}"
+
+def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None,
+               backbones: dict | None = None) -> str:  # {'vision': config, 'text': config}: the architectures actually saved
     "A README.md model card: architecture, how to load, training command, data, commit and metrics when known."
+    backbones = backbones or {}
     run_dir = Path(run_dir) if run_dir is not None else None
     commands = _read_jsonl(run_dir / 'commands.jsonl') if run_dir is not None else []
     metrics = []                                                        # (label, metrics dict)
@@ -87,8 +94,10 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
             if metrics and split == cfg.val_split: continue                # the trainer state's copy is the current one
             try: metrics.append((f"{split} (`{f.name}`)", json.loads(f.read_text())))
             except (OSError, ValueError): pass
-    arch = [('vision backbone', f"`{cfg.vision_backbone}` ({cfg.vit_type}, {cfg.num_patches} patches at {cfg.img_res} px)"),
-            ('text backbone', f"`{cfg.bert_path}`"), ('embedding size', cfg.embed_size),
+    arch = [('vision backbone', f"`{cfg.vision_backbone}` ({cfg.vit_type}, {cfg.num_patches} patches at {cfg.img_res} px"
+                                f"{_arch(backbones.get('vision'))})"),
+            ('text backbone', f"`{cfg.bert_path}`" + (f" ({_arch(backbones.get('text'))[2:]})" if backbones.get('text') else '')),
+            ('embedding size', cfg.embed_size),
             ('similarity', f"`{cfg.similarity_calc_method}`"),
             ('patch slimming', f"sparse_ratio {cfg.sparse_ratio}, aggr_ratio {cfg.aggr_ratio} ({cfg.n_aggregated} aggregated patches)"),
             ('token selection', 'yes' if cfg.use_token_selection else 'no'),
@@ -102,7 +111,7 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
              '```python', 'from laps.model import LAPSModel', "model = LAPSModel.from_pretrained('path/to/this/folder')",
              '```', '', 'or `laps eval path/to/this/folder --data_path DATA` for the retrieval metrics.', '',
              '## Provenance', '']
-    if source: lines += [source, '']
+    if source: lines.append(source)
     if commands:
         first = commands[0]
         argv = first.get('argv')
@@ -151,7 +160,8 @@ def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *,
     (folder / 'config.json').write_text(cfg.to_json() + '\n')
     (folder / 'backbones.json').write_text(json.dumps(backbones, indent=2, sort_keys=True) + '\n')
     save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt', 'aliases': json.dumps(aliases)})
-    (folder / 'README.md').write_text(model_card(cfg, run_dir, state, source))
+    (folder / 'README.md').write_text(model_card(cfg, run_dir, state, source, {'vision': model.img_enc.visual_encoder.config,
+                                                                              'text': model.txt_enc.bert.config}))
     return folder
 
 def read_json(path: Path) -> dict:
@@ -206,7 +216,8 @@ class LapsHubMixin(ModelHubMixin, library_name='laps', tags=['image-text-retriev
 
     def generate_model_card(self, *args, run_dir=None, **kwargs) -> ModelCard:
         "The model card of `self` (for `push_to_hub`; `save_pretrained` writes the same README.md)."
-        return ModelCard(model_card(self.cfg, run_dir))
+        return ModelCard(model_card(self.cfg, run_dir, backbones={'vision': self.img_enc.visual_encoder.config,
+                                                                  'text': self.txt_enc.bert.config}))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
