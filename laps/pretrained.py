@@ -209,7 +209,7 @@ def load_pretrained(model_cls, folder, map_location='cpu', cfg: LapsConfig | Non
     return build_checked(model_cls, cfg, vision, text, state_dict, Path(folder) / 'model.safetensors', map_location)
 
 # %% ../nbs/47_pretrained.ipynb #ae04477d
-class LapsHubMixin(ModelHubMixin, library_name='laps', tags=['image-text-retrieval', 'cross-modal-retrieval']):
+class LapsHubMixin(ModelHubMixin, library_name='laps', tags=list(CARD_TAGS)):
     "Hugging Face `save_pretrained` / `from_pretrained` / `push_to_hub` for `LAPSModel` (which subclasses this)."
     def _save_pretrained(self, save_directory: Path) -> None:
         write_pretrained(save_directory, self)
