@@ -18,7 +18,8 @@ from .training import seed_everything, optimizer_for, set_epoch_lr, training_ste
 from .evaluation import evaluate_split
 from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images
 from .datasets import image_folder
-from .checkpoint import save_checkpoint, load_checkpoint, restore_rng_states
+from .checkpoint import save_checkpoint, load_checkpoint
+from .rng import restore_rng_states
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0

@@ -11,8 +11,7 @@ from torch import nn
 from .config import LapsConfig
 from .losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, ratio_loss, finite_or_zero,
                          DistanceWeightedTripletLoss)
-from .model import LAPSModel
-from .checkpoint import _unwrap
+from .model import LAPSModel, unwrap_model
 from .datasets import get_dataset
 
 # %% auto #0
@@ -96,7 +95,7 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], cfg.grad_clip))
-    tok_sel = getattr(getattr(_unwrap(model), 'cross_net', None), 'tok_select_net', None)
+    tok_sel = getattr(getattr(unwrap_model(model), 'cross_net', None), 'tok_select_net', None)
     optimizer.step()
     return dict(loss=loss.item(), align_loss=align.item(), ratio_loss=r_loss.item(), warmup=warm,
                 grad_norm=grad_norm, max_violation=float(use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation)),
