@@ -20,7 +20,8 @@ _API = {
     'laps.metrics': ('evaluate_sims', 'format_metrics'),
     'laps.checkpoint': ('save_checkpoint', 'load_checkpoint', 'load_any_checkpoint'),
     'laps.data': ('read_split', 'load_tokenizer', 'build_train_loader', 'build_eval_loaders'),
-    'laps.synthetic': ('generate_synthetic', 'minimal_pair_accuracy'),
+    'laps.synthetic': ('generate_synthetic',),
+    'laps.minimal_pairs': ('minimal_pair_accuracy',),
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 

@@ -67,12 +67,14 @@ def write_json_atomic(path, obj, indent: int | None = 2, sort_keys: bool = True)
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys) + '\n'       # serialise first: a TypeError writes nothing
     return write_text_atomic(path, text)
 
-def append_jsonl(path, record: dict) -> Path:
-    "Append `record` as one JSON line to `path` in a single write, fsynced (for logs such as commands.jsonl)."
+def append_jsonl(path, record: dict,
+                 fsync: bool = True) -> Path:  # False for a frequent stream (a training log): flushed only
+    "Append `record` as one JSON line to `path` in a single write (for logs such as commands.jsonl)."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record) + '\n'
+    line = json.dumps(record) + '\n'                                       # serialise first: a TypeError writes nothing
     with open(path, 'a', encoding='utf-8') as f:
-        f.write(line); f.flush(); os.fsync(f.fileno())
+        f.write(line); f.flush()
+        if fsync: os.fsync(f.fileno())
     return path
 
 # %% ../nbs/03_atomic.ipynb #f116afe7

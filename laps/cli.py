@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, dataclasses, inspect, io, json, sys, textwrap, tokenize, traceback
 from pathlib import Path
 from .config import LapsConfig, PRESETS, get_config
+from .registry import DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
 __all__ = ['field_comments', 'add_config_flags', 'config_from_args', 'LapsArgumentParser', 'build_parser', 'cmd_train',
@@ -51,9 +52,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help='sum over all negatives for the whole run (turns off a preset\'s --max_violation)')
         elif f.type == 'list[int]': parser.add_argument(*names, type=int, nargs='+', **kw)
         elif f.type in _SCALAR_TYPES:
-            choices = {'similarity_calc_method': ('max', 'attn', 'thres'), 'token_selection_strategy': ('ratio', 'score'),
+            choices = {'similarity_calc_method': SIMILARITY_METHODS.names(), 'token_selection_strategy': ('ratio', 'score'),
                        'vit_type': ('vit', 'swin'), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
-                       'dataset': ('f30k', 'coco', 'synthetic')}.get(f.name)
+                       'dataset': DATASETS.names()}.get(f.name)
             parser.add_argument(*names, type=_SCALAR_TYPES[f.type], choices=choices, **kw)
         else: raise TypeError(f"LapsConfig.{f.name}: no CLI mapping for type {f.type}")
 
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "--dataset), what the released eval.py does: runs/<dataset>_vit and runs/<dataset>_swin")
     e.add_argument('--split', default=None, help="split to evaluate (default: the dataset's test split; coco: testall)")
     e.add_argument('--data_path', default=None, help='override the data folder recorded in the checkpoint')
-    e.add_argument('--dataset', default=None, choices=('f30k', 'coco', 'synthetic'), help='override the dataset')
+    e.add_argument('--dataset', default=None, choices=DATASETS.names(), help='override the dataset')
     e.add_argument('--f30k_img_path', default=None); e.add_argument('--coco_img_path', default=None)
     e.add_argument('--engine', default=None, choices=('fast', 'reference'))
     e.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N')
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser('convert', help='convert a published .pth into a save_pretrained folder')
     c.add_argument('src', help='published LAPS checkpoint (model_best.pth)')
     c.add_argument('out', help='folder to write (config, backbone configs, safetensors weights, model card)')
+    c.add_argument('--overwrite', action='store_true', help='replace OUT when it exists and is not empty')
     d = sub.add_parser('data', help='dataset tools'); d.add_argument('tool', choices=('synthetic',))
     d.add_argument('rest', nargs=argparse.REMAINDER)
     b = sub.add_parser('bench', help='benchmark the reference and fast similarity engines', add_help=False)
@@ -210,7 +212,7 @@ def cmd_eval(args) -> int:
 
 def cmd_convert(args) -> int:
     from laps.legacy import convert_checkpoint
-    print(f"wrote {convert_checkpoint(args.src, args.out)}")
+    print(f"wrote {convert_checkpoint(args.src, args.out, overwrite=args.overwrite)}")
     return 0
 
 def _one_line(e: BaseException) -> str:
@@ -221,8 +223,8 @@ def _one_line(e: BaseException) -> str:
 def is_expected_error(e: BaseException) -> bool:
     "An error that is the user's (a file, flag or value): ValueError, KeyError, OSError or a `CheckpointError`."
     if isinstance(e, (ValueError, KeyError, OSError)): return True
-    ckpt = sys.modules.get('laps.checkpoint')                           # a CheckpointError comes from a loaded laps.checkpoint
-    return ckpt is not None and isinstance(e, ckpt.CheckpointError)
+    home = sys.modules.get('laps.state_dicts')                          # a CheckpointError comes from its loaded home module
+    return home is not None and isinstance(e, home.CheckpointError)
 
 def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ['bench']:

@@ -8,16 +8,16 @@ import dataclasses, json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
+from .registry import DATASETS
 
 # %% auto #0
-__all__ = ['SIMILARITY_METHODS', 'TOKEN_SELECTION_STRATEGIES', 'VIT_TYPES', 'DATASETS', 'LOSSES', 'ENGINES',
-           'DEFAULT_VISION_BACKBONES', 'PRESETS', 'LapsConfig', 'get_config']
+__all__ = ['SIMILARITY_METHODS', 'TOKEN_SELECTION_STRATEGIES', 'VIT_TYPES', 'LOSSES', 'ENGINES', 'DEFAULT_VISION_BACKBONES',
+           'PRESETS', 'LapsConfig', 'get_config']
 
 # %% ../nbs/00_config.ipynb #ab8d328b
 SIMILARITY_METHODS = ('max', 'attn', 'thres')
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
 VIT_TYPES = ('vit', 'swin')
-DATASETS = ('f30k', 'coco', 'synthetic')
 LOSSES = ('vse', 'trip')
 ENGINES = ('fast', 'reference')
 
@@ -29,9 +29,10 @@ class LapsConfig:
     "All flags of a LAPS run (spec section 11), the backbone choices and execution settings."
     # --- data
     data_path: str = 'data/'  # folder holding `<dataset>/{split}_caps.txt` etc.
-    dataset: str = 'f30k'  # f30k | coco | synthetic
+    dataset: str = 'f30k'  # a registered dataset (laps.datasets): f30k | coco | synthetic | your own
     f30k_img_path: str | None = None  # Flickr30K image folder (default: `<data_path>/f30k/images`)
     coco_img_path: str | None = None  # COCO image folder (default: `<data_path>/coco/images`)
+    img_path: str | None = None  # image folder of any dataset; wins over the dataset's own flag (default: `<data_path>/<dataset>/images`)
     img_res: int = 224  # input resolution of the vision backbone
     size_augment: int = 1  # word-level caption augmentation during training (spec section 7)
     max_word: int = 90  # captions are truncated to this many tokens, [CLS] and [SEP] included
@@ -91,7 +92,7 @@ class LapsConfig:
         _check_choice('similarity_calc_method', self.similarity_calc_method, SIMILARITY_METHODS)
         _check_choice('token_selection_strategy', self.token_selection_strategy, TOKEN_SELECTION_STRATEGIES)
         _check_choice('vit_type', self.vit_type, VIT_TYPES)
-        _check_choice('dataset', self.dataset, DATASETS)
+        DATASETS.check('dataset', self.dataset)
         _check_choice('loss', self.loss, LOSSES)
         _check_choice('engine', self.engine, ENGINES)
         for name in ('sparse_ratio', 'aggr_ratio', 'token_selection_ratio'):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/60_data.ipynb #601f5e32
 from __future__ import annotations
-import json, math
+import json, logging, math
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -12,26 +12,27 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DataLoader
 from .encoders import minilm_path
+from .datasets import get_dataset, image_folder
+
+logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['CAPTIONS_PER_IMAGE', 'IMAGENET_MEAN', 'IMAGENET_STD', 'BERT_BASE_UNCASED', 'KEEP', 'MASK', 'RANDOM', 'DELETE',
-           'AUGMENTATION', 'CaptionSplit', 'read_split', 'image_folder', 'check_images', 'load_image',
-           'random_resized_crop_box', 'to_normalized_tensor', 'sample_train_params', 'apply_train_params',
-           'train_transform', 'eval_transform', 'load_tokenizer', 'caption_words', 'assemble_ids', 'word_actions',
-           'random_token_ids', 'augment_words', 'encode_caption', 'item_generator', 'flip_token_map', 'TrainDataset',
-           'ImageDataset', 'CaptionDataset', 'collate', 'build_loader', 'cfg_image_folder', 'build_train_dataset',
-           'build_train_loader', 'build_eval_loaders']
+__all__ = ['logger', 'IMAGENET_MEAN', 'IMAGENET_STD', 'BERT_BASE_UNCASED', 'KEEP', 'MASK', 'RANDOM', 'DELETE', 'CaptionSplit',
+           'read_split', 'check_images', 'load_image', 'random_resized_crop_box', 'to_normalized_tensor',
+           'sample_train_params', 'apply_train_params', 'train_transform', 'eval_transform', 'load_tokenizer',
+           'caption_words', 'assemble_ids', 'word_actions', 'random_token_ids', 'augment_words', 'encode_caption',
+           'item_generator', 'flip_token_map', 'TrainDataset', 'ImageDataset', 'CaptionDataset', 'collate',
+           'build_loader', 'build_train_dataset', 'build_train_loader', 'build_eval_loaders']
 
 # %% ../nbs/60_data.ipynb #39e387e2
-CAPTIONS_PER_IMAGE = 5
-
 @dataclass
 class CaptionSplit:
     "One split of a caption dataset: captions, their image ids, the distinct images and their files."
     name: str  # split name: train, dev, test, testall
-    dataset: str  # f30k, coco, synthetic
+    dataset: str  # registered dataset name (laps.datasets): f30k, coco, synthetic, ...
+    captions_per_image: int  # consecutive caption lines per image
     captions: list[str]  # one per caption line
-    caption_img_ids: list[int]  # image id of each caption (5 consecutive per image)
+    caption_img_ids: list[int]  # image id of each caption (captions_per_image consecutive per image)
     image_ids: list[int]  # distinct image ids, in order of first appearance
     id_mapping: dict[int, str]  # image id -> file name relative to the image folder (this split's images)
     caps_path: Path
@@ -55,8 +56,10 @@ def _read_lines(path: Path) -> list[str]:
     if lines and lines[-1] == '': lines = lines[:-1]
     return [l.rstrip('\r') for l in lines]
 
-def read_split(data_path, dataset: str, split: str, captions_per_image: int = CAPTIONS_PER_IMAGE) -> CaptionSplit:
+def read_split(data_path, dataset: str, split: str,
+               captions_per_image: int | None = None) -> CaptionSplit:  # None: the registered dataset's
     "Read and validate `<data_path>/<dataset>/{split}_caps.txt`, `{split}_ids.txt` and `id_mapping.json`."
+    if captions_per_image is None: captions_per_image = get_dataset(dataset).captions_per_image
     folder = Path(data_path) / dataset
     need = f"{split}_caps.txt, {split}_ids.txt and id_mapping.json"
     if not folder.is_dir():
@@ -80,7 +83,7 @@ def read_split(data_path, dataset: str, split: str, captions_per_image: int = CA
             raise ValueError(f"{ids_path} line {k}: image id {cap_ids[-1]} is not in {mapping_path}")
     image_ids, start = [], 0
     seen = set()
-    for k in range(1, len(cap_ids) + 1):           # runs of equal ids: each must have exactly 5 lines
+    for k in range(1, len(cap_ids) + 1):           # runs of equal ids: each must have captions_per_image lines
         if k < len(cap_ids) and cap_ids[k] == cap_ids[start]: continue
         i, n = cap_ids[start], k - start
         if i in seen:
@@ -90,15 +93,10 @@ def read_split(data_path, dataset: str, split: str, captions_per_image: int = CA
             raise ValueError(f"{ids_path}: image id {i} has {n} caption line(s) at lines {start + 1}-{k} "
                              f"(expected exactly {captions_per_image} consecutive lines per image)")
         seen.add(i); image_ids.append(i); start = k
-    return CaptionSplit(split, dataset, captions, cap_ids, image_ids, {i: raw[str(i)] for i in image_ids},
+    return CaptionSplit(split, dataset, captions_per_image, captions, cap_ids, image_ids, {i: raw[str(i)] for i in image_ids},
                         caps_path, ids_path, mapping_path)
 
 # %% ../nbs/60_data.ipynb #35852aaa
-def image_folder(data_path, dataset: str, f30k_img_path=None, coco_img_path=None) -> Path:
-    "The image folder of `dataset`: `f30k_img_path` / `coco_img_path` if given, else `<data_path>/<dataset>/images`."
-    explicit = {'f30k': f30k_img_path, 'coco': coco_img_path}.get(dataset)
-    return Path(explicit) if explicit else Path(data_path) / dataset / 'images'
-
 def check_images(split: CaptionSplit, folder, show: int = 5) -> list[Path]:
     "Paths of every image of `split` under `folder`, in split order; one error listing the missing ones."
     folder = Path(folder)
@@ -189,7 +187,10 @@ def load_tokenizer(bert_path: str = 'bert-base-uncased'):
     try: return AutoTokenizer.from_pretrained(src, local_files_only=True)
     except (OSError, ValueError): pass
     if src in BERT_BASE_UNCASED:                     # same vocabulary, same lower-casing: identical tokenizer
-        return BertTokenizer(vocab=str(minilm_path() / 'vocab.txt'), do_lower_case=True)
+        vocab = minilm_path() / 'vocab.txt'
+        logger.warning("tokenizer %r is not in the Hugging Face cache; using the identical uncased WordPiece "
+                       "vocabulary of the bundled MiniLM model instead (%s, lower-casing on)", src, vocab)
+        return BertTokenizer(vocab=str(vocab), do_lower_case=True)
     try: return AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise OSError(f"tokenizer {src!r} is not a local folder, not in the Hugging Face cache and not reachable on the hub") from e
@@ -344,22 +345,15 @@ def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: b
                       generator=gen)
 
 # %% ../nbs/60_data.ipynb #aaa5f082
-AUGMENTATION = {'default': dict(crop_scale=(0.6, 1.0), hflip=True, flip_words=()),
-                'synthetic': dict(crop_scale=(0.8, 1.0), hflip=True, flip_words=(('left', 'right'),))}
-
-def cfg_image_folder(cfg) -> Path:
-    "The image folder a config names (`f30k_img_path`, `coco_img_path` or `<data_path>/<dataset>/images`)."
-    return image_folder(cfg.data_path, cfg.dataset, cfg.f30k_img_path, cfg.coco_img_path)
-
 def build_train_dataset(cfg, tokenizer, split: str = 'train', check: bool = True) -> TrainDataset:
-    "The training dataset a config describes (images checked up front when `check`)."
+    "The training dataset a config describes, augmented as its dataset's spec says (images checked up front when `check`)."
+    aug = get_dataset(cfg.dataset).augmentation
     s = read_split(cfg.data_path, cfg.dataset, split)
-    folder = cfg_image_folder(cfg)
+    folder = image_folder(cfg)
     if check: check_images(s, folder)
-    aug = AUGMENTATION.get(cfg.dataset, AUGMENTATION['default'])
     return TrainDataset(s, folder, tokenizer, cfg.img_res, cfg.max_word, bool(cfg.size_augment), cfg.seed,
-                        crop_scale=aug['crop_scale'], hflip=aug['hflip'],
-                        flip_tokens=flip_token_map(tokenizer, aug['flip_words']) if aug['flip_words'] else None)
+                        crop_scale=aug.crop_scale, hflip=aug.hflip,
+                        flip_tokens=flip_token_map(tokenizer, aug.flip_words) if aug.flip_words else None)
 
 def build_train_loader(cfg, tokenizer, split: str = 'train', sampler=None, check: bool = True) -> DataLoader:
     "Shuffled training loader over captions (`cfg.batch_size`, `cfg.workers`, `cfg.seed`), last partial batch dropped."
@@ -370,7 +364,7 @@ def build_eval_loaders(cfg, split: str, tokenizer, batch_size: int | None = None
                        check: bool = True) -> tuple[CaptionSplit, DataLoader, DataLoader]:
     "The split, a loader over its distinct images and one over its captions, both in split order."
     s = read_split(cfg.data_path, cfg.dataset, split)
-    folder = cfg_image_folder(cfg)
+    folder = image_folder(cfg)
     if check: check_images(s, folder)
     bs = batch_size or cfg.batch_size
     return (s, build_loader(ImageDataset(s, folder, cfg.img_res), bs, cfg.workers),

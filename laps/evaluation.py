@@ -11,6 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from .distributed import is_distributed, all_gather_cat
+from .data import load_tokenizer, build_eval_loaders
+from .minimal_pairs import load_minimal_pairs, minimal_pair_accuracy
+from .metrics import evaluate_sims
 
 # %% auto #0
 __all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
@@ -93,7 +96,6 @@ def score_split(model: nn.Module, image_loader, caption_loader, shard_size: int 
 # %% ../nbs/75_evaluation.ipynb #55294dbd
 def minimal_pair_metrics(sims, split, data_path, dataset: str) -> dict:
     "Minimal-pair accuracies (`minimal_pair_*` keys) when the split has a pairs file, else {}."
-    from laps.synthetic import load_minimal_pairs, minimal_pair_accuracy
     try: pairs = load_minimal_pairs(data_path, dataset, split.name)
     except FileNotFoundError: return {}
     acc = minimal_pair_accuracy(sims, split, pairs)
@@ -102,8 +104,6 @@ def minimal_pair_metrics(sims, split, data_path, dataset: str) -> dict:
 def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: bool = True,
                    batch_size: int | None = None, shard_size: int | None = None) -> tuple[dict, torch.Tensor]:
     "Metrics and the (n_images, n_captions) similarity matrix of `model` on `split` of `cfg`'s dataset."
-    from laps.data import load_tokenizer, build_eval_loaders
-    from laps.metrics import evaluate_sims
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     data, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
     sims = score_split(model, image_loader, caption_loader, shard_size or cfg.shard_size, progress)

@@ -4,9 +4,7 @@
 
 # %% ../nbs/50_losses.ipynb #a6a43030
 from __future__ import annotations
-import math
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # %% auto #0

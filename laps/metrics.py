@@ -4,16 +4,17 @@
 
 # %% ../nbs/65_metrics.ipynb #22f48b50
 from __future__ import annotations
-import json, math
+import dataclasses, json, math
 from pathlib import Path
 import numpy as np
 import torch
 from .atomic import atomic_file, write_json_atomic
+from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'retrieval_metrics_naive', 'evaluate_sims', 'format_metrics', 'sims_metadata_path', 'save_sims', 'load_sims',
-           'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
+           'retrieval_metrics_naive', 'evaluate_sims', 'format_metrics', 'sims_metadata_path', 'sims_protocol',
+           'save_sims', 'load_sims', 'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -89,22 +90,26 @@ def retrieval_metrics_naive(sims, captions_per_image: int = 5) -> dict[str, floa
     return metrics_from_ranks(*retrieval_ranks_naive(sims, captions_per_image))
 
 # %% ../nbs/65_metrics.ipynb #e79df184
-def evaluate_sims(sims, dataset: str, captions_per_image: int = 5, fold_size: int = 1000,
+def evaluate_sims(sims, dataset: str,  # a registered dataset: its spec gives the protocol
+                  captions_per_image: int | None = None,  # None: the dataset's
+                  fold_size: int | None = None,  # None: the protocol's (small folds make it testable)
                   chunk_size: int = 256) -> dict[str, float]:
-    "Metrics of a split's similarity matrix: f30k/synthetic whole; coco fold-mean 1K on top plus `5k_*`."
-    if dataset in ('f30k', 'synthetic'): return retrieval_metrics(sims, captions_per_image, chunk_size)
-    if dataset != 'coco': raise ValueError(f"dataset must be 'f30k', 'coco' or 'synthetic'; got {dataset!r}")
+    "Metrics of a split's similarity matrix by its dataset's protocol: one pass, or fold means on top plus the prefixed whole split (COCO: `5k_*`)."
+    spec = get_dataset(dataset)
+    cpi = spec.captions_per_image if captions_per_image is None else captions_per_image
+    fold = spec.protocol.fold_size if fold_size is None else fold_size
+    if fold is None: return retrieval_metrics(sims, cpi, chunk_size)
     s = _as_tensor(sims)
-    _check_sims(s, captions_per_image)
+    _check_sims(s, cpi)
     n_img = s.shape[0]
-    if n_img % fold_size:
-        raise ValueError(f"the COCO protocol needs a multiple of fold_size={fold_size} images (testall: 5000), "
-                         f"got {n_img}; evaluate with dataset='f30k' for a single pass")
-    folds = [retrieval_metrics(s[f * fold_size:(f + 1) * fold_size,
-                                 f * fold_size * captions_per_image:(f + 1) * fold_size * captions_per_image],
-                               captions_per_image, chunk_size) for f in range(n_img // fold_size)]
+    if n_img % fold:
+        raise ValueError(f"the {dataset} protocol scores folds of fold_size={fold} images and needs a multiple of "
+                         f"{fold} images ({spec.test_split} of the real dataset has one), got {n_img}")
+    folds = [retrieval_metrics(s[f * fold:(f + 1) * fold, f * fold * cpi:(f + 1) * fold * cpi], cpi, chunk_size)
+             for f in range(n_img // fold)]
     out = {k: float(np.mean([m[k] for m in folds])) for k in METRIC_KEYS}
-    out.update({f'5k_{k}': v for k, v in retrieval_metrics(s, captions_per_image, chunk_size).items()})
+    prefix = spec.protocol.full_pass_prefix
+    if prefix: out.update({f'{prefix}{k}': v for k, v in retrieval_metrics(s, cpi, chunk_size).items()})
     return out
 
 # %% ../nbs/65_metrics.ipynb #e3d98f3d
@@ -128,12 +133,19 @@ def sims_metadata_path(path) -> Path:
     path = Path(path)
     return path.with_name(path.name + '.json')
 
+def sims_protocol(dataset: str) -> dict:
+    "How a matrix of registered `dataset` is scored: captions per image and its `EvalProtocol` (fold size, full-pass prefix)."
+    spec = get_dataset(dataset)
+    return {'captions_per_image': spec.captions_per_image, **dataclasses.asdict(spec.protocol)}
+
 def save_sims(path, sims, dataset: str | None = None, split: str | None = None) -> Path:
-    "Write a similarity matrix to `path` (.npy) atomically; with `dataset`, its protocol goes into a JSON sidecar."
+    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`); with `dataset`, a JSON sidecar says how to score it."
     arr, path, meta = _as_numpy(sims), Path(path), sims_metadata_path(path)
+    record = None if dataset is None else {'dataset': dataset, 'split': split, 'protocol': sims_protocol(dataset),
+                                           'shape': list(arr.shape)}
     with atomic_file(path, 'wb') as f: np.save(f, arr)
-    if dataset is None: meta.unlink(missing_ok=True)                    # a stale sidecar would describe another matrix
-    else: write_json_atomic(meta, {'dataset': dataset, 'split': split, 'protocol': dataset, 'shape': list(arr.shape)})
+    if record is None: meta.unlink(missing_ok=True)                     # a stale sidecar would describe another matrix
+    else: write_json_atomic(meta, record)
     return path
 
 def load_sims(path, mmap: bool = False) -> np.ndarray:
@@ -185,12 +197,15 @@ def ensemble_protocol(paths, dataset: str | None = None, split: str | None = Non
         for k in ('dataset', 'split', 'protocol'):
             if m[k] != ref[k]: raise ValueError(f"{p} holds {k} {m[k]!r} but {ref_path} holds {ref[k]!r}; "
                                                 f"an ensemble averages matrices of one split under one protocol")
+    if ref is not None and ref['protocol'] != sims_protocol(ref['dataset']):
+        raise ValueError(f"{sims_metadata_path(ref_path)}: saved under protocol {ref['protocol']}, but dataset "
+                         f"{ref['dataset']!r} is registered with {sims_protocol(ref['dataset'])}")
     for flag, given in (('dataset', dataset), ('split', split)):
         if ref is not None and given is not None and given != ref[flag]:
             raise ValueError(f"--{flag} {given} disagrees with {sims_metadata_path(ref_path)}: {flag} {ref[flag]!r}")
     missing = [str(p) for p in paths if p not in found]
     if missing and dataset is None:
         what = f"while {ref_path} holds {ref['dataset']!r}" if ref else "(saved without metadata)"
-        raise ValueError(f"{', '.join(missing)}: no {sims_metadata_path(missing[0]).suffix} sidecar naming the dataset "
-                         f"{what}; pass --dataset to say whose evaluation protocol applies")
+        raise ValueError(f"{', '.join(missing)}: no .json sidecar naming the dataset {what}; "
+                         f"pass --dataset to say whose evaluation protocol applies")
     return {'dataset': dataset or ref['dataset'], 'split': split or (ref['split'] if ref else None)}

@@ -9,9 +9,10 @@ from torch import nn
 from .config import LapsConfig
 from .encoders import ImageEncoder, TextEncoder, build_backbone, num_spatial_patches
 from .crossnet import CrossNet
+from .pretrained import LapsHubMixin
 
 # %% auto #0
-__all__ = ['keep_text_layers', 'frozen_text_modules', 'freeze_text_layers', 'LAPSModel']
+__all__ = ['keep_text_layers', 'frozen_text_modules', 'freeze_text_layers', 'LAPSModel', 'unwrap_model']
 
 # %% ../nbs/48_model.ipynb #6f6cd964
 def keep_text_layers(bert: nn.Module, n_layers: int) -> None:
@@ -37,7 +38,7 @@ def freeze_text_layers(bert: nn.Module, n_layers: int) -> None:
         for p in module.parameters(): p.requires_grad_(False)
 
 # %% ../nbs/48_model.ipynb #80cc694f
-class LAPSModel(nn.Module):
+class LAPSModel(nn.Module, LapsHubMixin):
     "Encoders + cross-modal network; `forward(pixel_values, input_ids)` gives the similarity matrix."
     def __init__(self, cfg: LapsConfig, vision_backbone=None, text_backbone=None):
         super().__init__()
@@ -74,3 +75,11 @@ class LAPSModel(nn.Module):
         "Eval mode: sims (B_v, B_t); train mode: (sims, score_mask (B_t, B_v, N)), as `CrossNet`."
         cap_embs, cap_lens = self.encode_captions(input_ids)
         return self.cross_net(self.encode_images(pixel_values), cap_embs, cap_lens)
+
+# %% ../nbs/48_model.ipynb #c4a1e7d1
+def unwrap_model(model: nn.Module) -> nn.Module:
+    "The LAPSModel inside DDP / torch.compile wrappers."
+    while True:
+        if hasattr(model, 'module') and isinstance(model.module, nn.Module): model = model.module
+        elif hasattr(model, '_orig_mod'): model = model._orig_mod
+        else: return model

@@ -4,40 +4,28 @@
 
 # %% ../nbs/78_runner.ipynb #18729e24
 from __future__ import annotations
-import json, math, os, subprocess, sys, time
-from datetime import datetime, timezone
+import json, math, time
+from dataclasses import dataclass
 from pathlib import Path
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 from .config import LapsConfig
+from .atomic import write_json_atomic, append_jsonl
+from .provenance import command_record
 from .model import LAPSModel
-from .training import (seed_everything, optimizer_for, set_epoch_lr, training_step,
-                           make_alignment_loss)
+from .training import seed_everything, optimizer_for, set_epoch_lr, training_step, make_alignment_loss, resolve_device
 from .evaluation import evaluate_split
-from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images, cfg_image_folder
-from .checkpoint import save_checkpoint, load_checkpoint, restore_rng_states
+from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images
+from .datasets import image_folder
+from .checkpoint import save_checkpoint, load_checkpoint
+from .rng import restore_rng_states
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
-__all__ = ['git_commit', 'write_json_atomic', 'RunLogger', 'prepare_run_dir', 'train']
+__all__ = ['RunLogger', 'prepare_run_dir', 'Trainer', 'prepare_training', 'train']
 
 # %% ../nbs/78_runner.ipynb #5798ffb6
-def git_commit(cwd=None) -> str | None:
-    "The current git commit (with '+dirty' if the tree has changes), or None outside a repository."
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if sha.returncode: return None
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha.stdout.strip() + ('+dirty' if dirty else '')
-    except (OSError, subprocess.SubprocessError): return None
-
-def write_json_atomic(path, obj) -> Path:
-    "Write JSON to `path` through a temp file and os.replace (never half-written)."
-    path = Path(path); tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + '\n'); os.replace(tmp, path)
-    return path
-
 class RunLogger:
     "Scalars to `train_log.jsonl` and TensorBoard; a no-op when disabled (non-zero ranks)."
     def __init__(self, run_dir, enabled: bool = True):
@@ -49,7 +37,7 @@ class RunLogger:
     def log(self, kind: str, step: int, **scalars):
         if not self.enabled: return
         rec = dict(kind=kind, step=int(step), time=time.time(), **{k: float(v) for k, v in scalars.items()})
-        with open(self.run_dir / 'train_log.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+        append_jsonl(self.run_dir / 'train_log.jsonl', rec, fsync=False)    # a stream: flushed, not fsynced per line
         for k, v in scalars.items():
             if math.isfinite(float(v)): self.tb.add_scalar(f'{kind}/{k}', float(v), step)
 
@@ -72,9 +60,7 @@ def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, wr
         changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ('num_epochs',)}
         if changed: raise ValueError(f"--resume with a configuration that differs from {run_dir / 'config.json'}: {changed}")
     write_json_atomic(run_dir / 'config.json', cfg.to_dict())
-    rec = dict(argv=command if command is not None else sys.argv, commit=git_commit(), resume=resume,
-               time=datetime.now(timezone.utc).isoformat(timespec='seconds'), torch=torch.__version__, world_size=world_size)
-    with open(run_dir / 'commands.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+    append_jsonl(run_dir / 'commands.jsonl', command_record(command, resume=resume, world_size=world_size))
     return run_dir
 
 # %% ../nbs/78_runner.ipynb #0bd6641c
@@ -90,6 +76,71 @@ def _train_loader(cfg: LapsConfig, tokenizer, info: DistInfo):
                                  seed=cfg.seed, drop_last=True)
     return build_loader(loader.dataset, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=True), sampler
 
+@dataclass
+class Trainer:
+    "What a run trains with (built by `prepare_training`); `train_epoch` runs one epoch step by step."
+    cfg: LapsConfig
+    info: DistInfo  # rank, world size, device
+    tokenizer: object
+    loader: torch.utils.data.DataLoader
+    sampler: object | None  # the DistributedSampler under torchrun
+    model: LAPSModel
+    optimizer: torch.optim.Optimizer
+    net: nn.Module  # what the steps train: the model, or DDP(GatherForward(model)) under torchrun
+    alignment_loss: object
+    resumed: dict | None = None  # trainer_state of the checkpoint resumed from (epoch, step, best_rsum, ...)
+    lr: float = math.nan  # base learning rate of the current epoch
+
+    @property
+    def steps_per_epoch(self) -> int: return len(self.loader)
+
+    def begin_epoch(self, epoch: int) -> float:
+        "Set `epoch`'s learning rate and seed its data order, augmentation and (under torchrun) dropout; returns the lr."
+        cfg = self.cfg
+        self.lr = set_epoch_lr(self.optimizer, cfg.learning_rate, epoch, cfg.lr_schedules, cfg.decay_rate)
+        self.loader.dataset.set_epoch(epoch)
+        if self.loader.generator is not None: self.loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if self.sampler is not None: self.sampler.set_epoch(epoch)
+        if self.info.distributed: seed_everything(rank_seed(cfg.seed, epoch, self.info.rank))
+        return self.lr
+
+    def step(self, batch: dict, epoch: int, step: int) -> dict:
+        "One optimisation step on a loader batch (step `step` of `epoch`); returns `training_step`'s logs."
+        return training_step(self.net, _to_device(batch, self.info.device), self.optimizer, self.cfg, epoch=epoch,
+                             step=step, steps_per_epoch=self.steps_per_epoch, alignment_loss=self.alignment_loss)
+
+    def train_epoch(self, epoch: int, progress: bool = False):
+        "Begin `epoch`, then yield (step, logs) after each of its optimisation steps."
+        self.begin_epoch(epoch)
+        bar = tqdm(self.loader, desc=f'epoch {epoch}', disable=not progress, leave=False)
+        for step, batch in enumerate(bar):
+            logs = self.step(batch, epoch, step)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            yield step, logs
+
+def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # default: one process on cfg's device
+                     vision_backbone=None, text_backbone=None,
+                     resume_from=None) -> Trainer:  # a checkpoint_last/ folder: its weights, optimizer and RNG states
+    "Seed, then build the data, model and optimizer of `cfg` exactly as `train` does (and restore a checkpoint to resume)."
+    info = info if info is not None else DistInfo(device=resolve_device(cfg.device, cfg.gpu_id))
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.bert_path)
+    loader, sampler = _train_loader(cfg, tokenizer, info)
+    if len(loader) == 0:
+        raise ValueError(f"the train split has fewer captions than --batch_size {cfg.batch_size}"
+                         + (f" x {info.world_size} processes" if info.distributed else ''))
+    if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), image_folder(cfg))
+    model = LAPSModel(cfg, vision_backbone, text_backbone).to(info.device)  # the same initial weights on every rank
+    optimizer = optimizer_for(model, cfg)
+    state = None
+    if resume_from is not None:
+        saved, _, state = load_checkpoint(resume_from, map_location=info.device)
+        model.load_state_dict(saved.state_dict()); del saved
+        optimizer.load_state_dict(state['optimizer'])
+        if 'rng' in state: restore_rng_states(state['rng'])
+    return Trainer(cfg, info, tokenizer, loader, sampler, model, optimizer, wrap_ddp(model, info), make_alignment_loss(cfg),
+                   resumed=state)
+
 def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = None, progress: bool = True,
           vision_backbone=None, text_backbone=None) -> dict:
     "Train `cfg` in its run directory (one process per device under torchrun with --multi_gpu 1); returns the best validation metrics."
@@ -100,32 +151,16 @@ def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = 
 
 def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: bool, vision_backbone, text_backbone) -> dict:
     run_dir = on_main(info, prepare_run_dir, cfg, resume, command, world_size=info.world_size)  # only rank 0 writes
-    device = info.device
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.bert_path)
-    train_loader, sampler = _train_loader(cfg, tokenizer, info)
-    if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), cfg_image_folder(cfg))
-    model = LAPSModel(cfg, vision_backbone, text_backbone).to(device)  # the same initial weights on every rank
-    optimizer = optimizer_for(model, cfg)
-    start_epoch, global_step, best_rsum, best_metrics = 0, 0, -math.inf, {}
-    if resume:
-        saved, _, state = load_checkpoint(run_dir / 'checkpoint_last', map_location=device)
-        model.load_state_dict(saved.state_dict()); del saved
-        optimizer.load_state_dict(state['optimizer'])
-        if 'rng' in state: restore_rng_states(state['rng'])
-        start_epoch, global_step = state['epoch'] + 1, state['step']
-        best_rsum, best_metrics = state.get('best_rsum', -math.inf), state.get('best_metrics', {})
-    net = wrap_ddp(model, info)                                         # DDP(GatherForward(model)) under torchrun
+    tr = prepare_training(cfg, info, vision_backbone=vision_backbone, text_backbone=text_backbone,
+                          resume_from=run_dir / 'checkpoint_last' if resume else None)
+    model, state = tr.model, tr.resumed or {}
+    start_epoch, global_step = (state['epoch'] + 1, state['step']) if resume else (0, 0)
+    best_rsum, best_metrics = state.get('best_rsum', -math.inf), state.get('best_metrics', {})
     logger = RunLogger(run_dir, enabled=info.is_main)
-    alignment_loss = make_alignment_loss(cfg)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ValueError(f"the train split has fewer captions than --batch_size {cfg.batch_size}"
-                         + (f" x {info.world_size} processes" if info.distributed else ''))
 
     def validate(epoch):
         nonlocal best_rsum, best_metrics
-        metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tokenizer, progress=progress)  # sharded under torchrun
+        metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tr.tokenizer, progress=progress)  # sharded under torchrun
         logger.log(f'val_{cfg.val_split}', global_step, epoch=epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         if metrics['rsum'] > best_rsum:
             best_rsum, best_metrics = metrics['rsum'], dict(metrics, epoch=epoch, step=global_step)
@@ -140,24 +175,15 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
 
     try:
         for epoch in range(start_epoch, cfg.num_epochs):
-            lr = set_epoch_lr(optimizer, cfg.learning_rate, epoch, cfg.lr_schedules, cfg.decay_rate)
-            train_loader.dataset.set_epoch(epoch)
-            if train_loader.generator is not None: train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-            if sampler is not None: sampler.set_epoch(epoch)
-            if info.distributed: seed_everything(rank_seed(cfg.seed, epoch, info.rank))
-            bar = tqdm(train_loader, desc=f'epoch {epoch}', disable=not progress, leave=False)
-            for step, batch in enumerate(bar):
-                logs = training_step(net, _to_device(batch, device), optimizer, cfg, epoch=epoch, step=step,
-                                     steps_per_epoch=steps_per_epoch, alignment_loss=alignment_loss)
+            for step, logs in tr.train_epoch(epoch, progress):
                 global_step += 1
-                bar.set_postfix(loss=f"{logs['loss']:.3f}")
-                if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=lr, **logs)
+                if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=tr.lr, **logs)
                 if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0: validate(epoch)
             if cfg.eval: validate(epoch)
             if info.is_main:
                 save_checkpoint(run_dir / 'checkpoint_last', model, cfg,
                                 dict(epoch=epoch, step=global_step, best_rsum=best_rsum, best_metrics=best_metrics),
-                                optimizer=optimizer)
+                                optimizer=tr.optimizer)
         if not cfg.eval and info.is_main:                               # no validation: the last model is the best
             save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
         barrier(info)                                                   # everything is written when any rank returns

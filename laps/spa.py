@@ -20,6 +20,9 @@ class TokenAggregation(nn.Module):
                                     nn.Linear(hidden, n_aggregated))
         self.scale = nn.Parameter(torch.ones(1, 1, 1))
 
+    def weights(self, kept: torch.Tensor) -> torch.Tensor:
+        "(..., K, C) kept tokens -> (..., N_s, K): each aggregated token's softmax weights over the kept tokens."
+        return (self.weight(kept).transpose(-1, -2) * self.scale).softmax(dim=-1)
+
     def forward(self, kept: torch.Tensor) -> torch.Tensor:
-        logits = self.weight(kept).transpose(-1, -2) * self.scale       # (..., N_s, K)
-        return logits.softmax(dim=-1) @ kept                             # (..., N_s, C)
+        return self.weights(kept) @ kept                                 # (..., N_s, C)

@@ -22,18 +22,22 @@ class TokenSelection(nn.Module):
         "r (n-1,) of the non-[CLS] tokens of one caption's (n, C) normalised tokens."
         return tokens[1:] @ self.attn_mat(tokens[0])
 
+    def kept_positions(self, tokens: torch.Tensor, strategy: str = 'ratio', ratio: float = 1.0,
+                       relevance: torch.Tensor | None = None) -> torch.Tensor:  # `relevance(tokens)`, when already computed
+        "Positions (ascending, in 1..n-1) of the non-[CLS] tokens of one caption's (n, C) normalised tokens that are kept."
+        rel = self.relevance(tokens) if relevance is None else relevance
+        if strategy == 'ratio': idx = rel.topk(math.ceil(rel.shape[0] * ratio)).indices.sort().values
+        elif strategy == 'score': idx = (rel > 0).nonzero().squeeze(-1)
+        else: raise ValueError(f"token_selection_strategy must be 'ratio' or 'score', got {strategy!r}")
+        return idx + 1
+
     def forward(self, tokens: torch.Tensor, strategy: str = 'ratio', ratio: float = 1.0,
                 trainable: bool = False) -> torch.Tensor:
         "(n, C) normalised tokens -> (n', C): kept non-[CLS] tokens in order, then [CLS]."
-        cls, rest = tokens[:1], tokens[1:]
         rel = self.relevance(tokens)
-        if strategy == 'ratio':
-            k = math.ceil(rest.shape[0] * ratio)
-            idx = rel.topk(k).indices.sort().values
-        elif strategy == 'score': idx = (rel > 0).nonzero().squeeze(-1)
-        else: raise ValueError(f"token_selection_strategy must be 'ratio' or 'score', got {strategy!r}")
-        kept = rest[idx]
+        pos = self.kept_positions(tokens, strategy, ratio, rel)
+        kept = tokens[pos]
         if trainable:
-            gate = torch.sigmoid(rel[idx]).unsqueeze(-1)
+            gate = torch.sigmoid(rel[pos - 1]).unsqueeze(-1)
             kept = kept * (1 + gate - gate.detach())
-        return torch.cat([kept, cls], dim=0)
+        return torch.cat([kept, tokens[:1]], dim=0)

@@ -4,15 +4,15 @@
 
 # %% ../nbs/70_training.ipynb #b9940a56
 from __future__ import annotations
-import math, random
+import inspect, random
 import numpy as np
 import torch
 from torch import nn
 from .config import LapsConfig
 from .losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, ratio_loss, finite_or_zero,
                          DistanceWeightedTripletLoss)
-from .model import LAPSModel
-from .checkpoint import _unwrap
+from .model import LAPSModel, unwrap_model
+from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['BACKBONE_PREFIXES', 'resolve_device', 'seed_everything', 'build_optimizer', 'optimizer_for', 'lr_factor',
@@ -64,13 +64,17 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, learning_rate: float, epoch: 
 
 # %% ../nbs/70_training.ipynb #823a5670
 def make_alignment_loss(cfg: LapsConfig):
-    "The alignment criterion of `cfg.loss`: fn(sims, img_ids, epoch) -> scalar."
-    if cfg.loss == 'trip':
-        trip = DistanceWeightedTripletLoss(margin=cfg.margin, embed_dim=cfg.embed_size,
-                                           nonzero_loss_cutoff=1.9 if cfg.dataset == 'coco' else 1.7)
-        return lambda sims, img_ids, epoch: trip(sims, img_ids)
+    "The alignment criterion of `cfg.loss` with its dataset's `loss_overrides` (COCO: trip cutoff 1.9): fn(sims, img_ids, epoch) -> scalar."
+    extra = get_dataset(cfg.dataset).loss_overrides.get(cfg.loss, {})
+    try:
+        if cfg.loss == 'trip':
+            trip = DistanceWeightedTripletLoss(margin=cfg.margin, embed_dim=cfg.embed_size, **extra)
+            return lambda sims, img_ids, epoch: trip(sims, img_ids)
+        inspect.signature(hinge_triplet_loss).bind(None, None, cfg.margin, False, **extra)
+    except TypeError as e:
+        raise ValueError(f"dataset {cfg.dataset!r}: loss_overrides[{cfg.loss!r}] = {extra} does not fit that loss ({e})") from None
     return lambda sims, img_ids, epoch: hinge_triplet_loss(
-        sims, img_ids, cfg.margin, use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation))
+        sims, img_ids, cfg.margin, use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation), **extra)
 
 def _grad_norm(params) -> float:
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
@@ -91,7 +95,7 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], cfg.grad_clip))
-    tok_sel = getattr(getattr(_unwrap(model), 'cross_net', None), 'tok_select_net', None)
+    tok_sel = getattr(getattr(unwrap_model(model), 'cross_net', None), 'tok_select_net', None)
     optimizer.step()
     return dict(loss=loss.item(), align_loss=align.item(), ratio_loss=r_loss.item(), warmup=warm,
                 grad_norm=grad_norm, max_violation=float(use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation)),

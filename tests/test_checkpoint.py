@@ -1,16 +1,18 @@
-"""Checkpoint folders (round trip, resume, atomicity, shared tensors) and published LAPS .pth checkpoints
-(transformers-4 keys, recorded transformers-4 outputs, safe unpickling, mismatch and corrupt-file errors)."""
+"""Checkpoint folders (round trip, resume, atomicity, shared tensors), save_pretrained / from_pretrained folders with their
+model card, and published LAPS .pth checkpoints (transformers-4 keys, recorded transformers-4 outputs, safe unpickling,
+mismatch and corrupt-file errors, conversion to a save_pretrained folder)."""
 import argparse, json, logging, os
 from pathlib import Path
 import pytest
 import torch
 from transformers import ViTConfig, SwinConfig, BertConfig, ViTModel, SwinModel, BertModel
-import laps.checkpoint as ck
-from laps.checkpoint import (CheckpointError, save_checkpoint, load_checkpoint, load_legacy_checkpoint, load_any_checkpoint,
-                             convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, resolve_checkpoint,
-                             rng_states, restore_rng_states)
+import laps.pretrained
+from laps.checkpoint import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
+from laps.legacy import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
+from laps.rng import rng_states, restore_rng_states
+from laps.state_dicts import CheckpointError
 from laps.config import LapsConfig
-from laps.model import LAPSModel
+from laps.model import LAPSModel, unwrap_model
 
 FIX = Path(__file__).parent / 'fixtures'
 T4 = json.loads((FIX / 'transformers4_keys.json').read_text())
@@ -68,29 +70,41 @@ def test_load_never_touches_the_network(tiny_vit, tiny_bert, tmp_path, monkeypat
     assert torch.equal(_sims(load_checkpoint(p)[0]), _sims(model))
 
 
-def test_resume_restores_optimizer_scheduler_and_rng(tiny_vit, tiny_bert, tmp_path):
-    def step(model, opt, sched):
+def test_resume_restores_optimizer_and_rng(tiny_vit, tiny_bert, tmp_path):
+    def step(model, opt):
         model.train()
         sims, _ = model(PIX, IDS)
-        opt.zero_grad(); (sims.diag().sum() - sims.mean()).backward(); opt.step(); sched.step()
+        opt.zero_grad(); (sims.diag().sum() - sims.mean()).backward(); opt.step()
     model = _model(tiny_vit, tiny_bert)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1, 2], gamma=0.3)
-    step(model, opt, sched)
-    save_checkpoint(tmp_path / 'last', model, trainer_state={'epoch': 0, 'step': 1}, optimizer=opt, scheduler=sched)
-    step(model, opt, sched)                                                  # the uninterrupted run (dropout uses the RNG)
+    step(model, opt)
+    opt.param_groups[0]['lr'] = 1e-2 * 0.3                                    # what set_epoch_lr does at an epoch boundary
+    save_checkpoint(tmp_path / 'last', model, trainer_state={'epoch': 0, 'step': 1}, optimizer=opt)
+    step(model, opt)                                                         # the uninterrupted run (dropout uses the RNG)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
 
     torch.manual_seed(123)                                                   # a new process would have other RNG states
     resumed, cfg, state = load_checkpoint(tmp_path / 'last')
+    assert sorted(torch.load(tmp_path / 'last' / 'trainer_state.pt', weights_only=True)) == ['optimizer', 'rng']
     opt2 = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
-    sched2 = torch.optim.lr_scheduler.MultiStepLR(opt2, milestones=[1, 2], gamma=0.3)
-    opt2.load_state_dict(state['optimizer']); sched2.load_state_dict(state['scheduler'])
+    opt2.load_state_dict(state['optimizer'])
     restore_rng_states(state['rng'])
-    step(resumed, opt2, sched2)
+    step(resumed, opt2)
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert opt2.param_groups[0]['lr'] == pytest.approx(1e-2 * 0.3 * 0.3)
+    assert opt2.param_groups[0]['lr'] == pytest.approx(1e-2 * 0.3)
+
+
+def test_save_checkpoint_has_no_scheduler_or_scaler_parameters(tiny_vit, tiny_bert, tmp_path):
+    "They were never used (the runner sets the lr per epoch); passing them is an error, not silently ignored state."
+    model = _model(tiny_vit, tiny_bert)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.3)
+    with pytest.raises(TypeError, match='scheduler'):
+        save_checkpoint(tmp_path / 'c', model, optimizer=opt, scheduler=sched)
+    with pytest.raises(TypeError, match='scaler'):
+        save_checkpoint(tmp_path / 'c', model, scaler=torch.amp.GradScaler('cpu'))
+    assert not (tmp_path / 'c').exists()
 
 
 def test_failed_write_keeps_old_checkpoint_and_leaves_no_temp(tiny_vit, tiny_bert, tmp_path, monkeypatch):
@@ -100,7 +114,7 @@ def test_failed_write_keeps_old_checkpoint_and_leaves_no_temp(tiny_vit, tiny_ber
     other = _model(tiny_vit, tiny_bert)
     with torch.no_grad(): other.img_enc.vision_proj.weight.mul_(-1)
     def boom(*a, **k): raise OSError('No space left on device')
-    monkeypatch.setattr(ck, 'save_file', boom)
+    monkeypatch.setattr(laps.pretrained, 'save_file', boom)
     with pytest.raises(OSError, match='No space left'):
         save_checkpoint(p, other, trainer_state={'epoch': 2})
     monkeypatch.undo()
@@ -130,7 +144,7 @@ def test_killed_between_renames_uses_backup(tiny_vit, tiny_bert, tmp_path, caplo
     p = save_checkpoint(tmp_path / 'run' / 'checkpoint_best', model, trainer_state={'epoch': 4})
     os.replace(p, p.with_name('.checkpoint_best.old'))                      # what a kill at that moment leaves
     (tmp_path / 'run' / '.checkpoint_best.tmp-zzz').mkdir()                 # and a stale temp folder
-    with caplog.at_level(logging.WARNING, logger='laps.checkpoint'):
+    with caplog.at_level(logging.WARNING, logger='laps.atomic'):
         assert load_any_checkpoint(tmp_path / 'run')[2]['epoch'] == 4
         assert load_checkpoint(p)[2]['epoch'] == 4
     assert 'interrupted save' in caplog.text
@@ -164,6 +178,100 @@ def test_rng_states_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(2).tolist())
     restore_rng_states(st)
     assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == a
+
+
+# ---------------------------------------------------------------- save_pretrained / from_pretrained (Hugging Face conventions)
+
+def _no_network(monkeypatch):
+    "Any Hub download or transformers hub load fails the test; HF_HUB_OFFLINE is set too."
+    def no_hub(*a, **k): raise AssertionError('network access attempted')
+    for name in ('hf_hub_download', 'snapshot_download'):
+        monkeypatch.setattr(f'huggingface_hub.{name}', no_hub)
+    monkeypatch.setattr(laps.pretrained, 'snapshot_download', no_hub)
+    monkeypatch.setattr('huggingface_hub.hub_mixin.hf_hub_download', no_hub)
+    for cls in (ViTModel, BertModel, SwinModel):
+        monkeypatch.setattr(cls, 'from_pretrained', classmethod(no_hub))
+    monkeypatch.setattr('transformers.AutoConfig.from_pretrained', no_hub)
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+
+
+@pytest.mark.parametrize('vision', ['tiny_vit', 'tiny_swin'])
+def test_save_pretrained_from_pretrained_offline(vision, tiny_bert, tmp_path, request, monkeypatch):
+    model = _model(request.getfixturevalue(vision), tiny_bert, vit_type='vit' if vision == 'tiny_vit' else 'swin')
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / 'm')
+    assert sorted(f.name for f in (tmp_path / 'm').iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert LapsConfig.from_dict(json.loads((tmp_path / 'm' / 'config.json').read_text())) == model.cfg
+    _no_network(monkeypatch)
+    loaded = LAPSModel.from_pretrained(tmp_path / 'm')
+    assert isinstance(loaded, LAPSModel) and not loaded.training
+    assert torch.equal(_sims(loaded), _sims(model))
+    assert loaded.cfg == model.cfg.replace(vision_pretrained=False, text_pretrained=False)
+    assert torch.equal(_sims(LAPSModel.from_pretrained(str(tmp_path / 'm'), map_location='cpu')), _sims(model))
+    card = (tmp_path / 'm' / 'README.md').read_text()
+    assert card.startswith('---\nlibrary_name: laps\n') and 'LAPSModel.from_pretrained' in card
+    assert 'not recorded (saved outside a run directory)' in card and 'Not recorded: no evaluation' in card
+
+
+def test_save_pretrained_replaces_a_stale_card_and_from_pretrained_checks_the_config(tiny_vit, tiny_bert, tmp_path):
+    model = _model(tiny_vit, tiny_bert)
+    (tmp_path / 'm').mkdir()
+    (tmp_path / 'm' / 'README.md').write_text('an old card')
+    model.save_pretrained(tmp_path / 'm')
+    assert 'LAPS image-text retrieval model' in (tmp_path / 'm' / 'README.md').read_text()
+    with pytest.raises(CheckpointError, match=r'(?s)m/model\.safetensors: .*embed_size: checkpoint 16, configuration 8'):
+        LAPSModel.from_pretrained(tmp_path / 'm', cfg=model.cfg.replace(embed_size=8))
+    other = LAPSModel.from_pretrained(tmp_path / 'm', vision_backbone=tiny_vit, text_backbone=tiny_bert)
+    assert torch.equal(_sims(other), _sims(model))
+
+
+def test_from_pretrained_path_errors(tiny_vit, tiny_bert, tmp_path, monkeypatch):
+    _no_network(monkeypatch)
+    (tmp_path / 'model_best.pth').write_bytes(b'x')
+    with pytest.raises(CheckpointError, match=r'model_best\.pth: a file, not a save_pretrained folder .*laps\.legacy'):
+        LAPSModel.from_pretrained(tmp_path / 'model_best.pth')
+    with pytest.raises(FileNotFoundError, match=r'checkpoint folder .*runs/typo does not exist'):
+        (tmp_path / 'runs').mkdir(); LAPSModel.from_pretrained(tmp_path / 'runs' / 'typo')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match='checkpoint folder runs/typo does not exist'):
+        LAPSModel.from_pretrained('runs/typo')                               # a relative path whose parent exists: local
+    (tmp_path / 'runs' / 'half').mkdir()
+    with pytest.raises(CheckpointError, match=r'half: not a complete laps checkpoint folder \(missing config\.json, backbones\.json'):
+        LAPSModel.from_pretrained('runs/half')
+
+
+def test_checkpoint_folders_are_save_pretrained_folders_with_a_run_card(tiny_vit, tiny_bert, tmp_path):
+    model = _model(tiny_vit, tiny_bert)
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'commands.jsonl').write_text(json.dumps({'argv': ['/venv/bin/laps', 'train', '--preset', 'cpu', '--logger_name', 'run'],
+                                                    'commit': 'abc1234+dirty', 'time': '2024-06-01T10:00:00+00:00'}) + '\n')
+    test_m = {f'{d}_{k}': v for d in ('i2t', 't2i') for k, v in (('r1', 11.0), ('r5', 22.0), ('r10', 33.0))} | {'rsum': 132.0}
+    best = dict(test_m, rsum=140.0, epoch=2, step=30)
+    p = save_checkpoint(run / 'checkpoint_best', model, trainer_state={'epoch': 2, 'step': 30, 'best_rsum': 140.0, 'best_metrics': best})
+    assert torch.equal(_sims(LAPSModel.from_pretrained(p)), _sims(load_checkpoint(p)[0]))
+    assert '| test ' not in (p / 'README.md').read_text()                   # saved during training: not evaluated on test yet
+    (run / 'metrics_test.json').write_text(json.dumps(test_m))              # what an evaluation of the run leaves
+    assert refresh_model_card(p) == p / 'README.md'
+    card = (p / 'README.md').read_text()
+    assert '- training command: `laps train --preset cpu --logger_name run`' in card
+    assert '- commit: `abc1234+dirty`' in card and '- this checkpoint: epoch 2, step 30' in card
+    assert '| test (`metrics_test.json`) | 11.0 | 22.0 | 33.0 | 11.0 | 22.0 | 33.0 | 132.0 |' in card
+    assert '| dev (best so far: epoch 2, step 30) | 11.0 | 22.0 | 33.0 | 11.0 | 22.0 | 33.0 | 140.0 |' in card
+    assert "dataset `f30k`" in card
+    model.save_pretrained(tmp_path / 'alone')
+    assert refresh_model_card(tmp_path / 'alone') is None                   # outside a run directory the card stays
+
+
+def test_unwrap_model_and_saving_a_wrapped_model(tiny_vit, tiny_bert, tmp_path):
+    class Wrapper(torch.nn.Module):                                          # DDP / DataParallel / GatherForward keep .module
+        def __init__(self, module): super().__init__(); self.module = module
+    model = _model(tiny_vit, tiny_bert)
+    compiled = torch.compile(model)                                          # lazy: nothing is compiled here
+    assert unwrap_model(Wrapper(compiled)) is model and unwrap_model(model) is model
+    p = save_checkpoint(tmp_path / 'c', Wrapper(compiled))
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in load_checkpoint(p)[0].state_dict())
 
 
 # ---------------------------------------------------------------- mismatch and corrupt folders
@@ -256,7 +364,7 @@ def test_legacy_fixture_matches_transformers4_outputs(name):
 
 
 def test_legacy_swin_drops_unused_improved_keys_and_old_buffers(caplog):
-    with caplog.at_level(logging.INFO, logger='laps.checkpoint'):
+    with caplog.at_level(logging.INFO, logger='laps.legacy'):
         model, cfg, info = load_legacy_checkpoint(FIX / 'legacy_swin_paper.pth', **TINY['legacy_swin_paper'])
     assert (cfg.vit_type, cfg.similarity_calc_method, cfg.use_token_selection, cfg.n_aggregated) == ('swin', 'max', 0, 7)
     assert sorted(k.rsplit('.', 1)[-1] for k in info['dropped_keys']) == ['position_ids'] + ['relative_position_index'] * 4
@@ -354,6 +462,44 @@ def test_legacy_without_opt_needs_cfg(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(T4_OUT['pixel_values'], T4_OUT['input_ids']), T4_OUT['legacy_vit_improved']['sims'],
                                    rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- conversion to a save_pretrained folder
+
+@pytest.mark.parametrize('name', ['legacy_vit_improved', 'legacy_swin_paper'])
+def test_convert_checkpoint_gives_the_same_outputs(name, tmp_path, monkeypatch):
+    out = convert_checkpoint(FIX / f'{name}.pth', tmp_path / 'converted', **TINY[name])
+    assert out == tmp_path / 'converted'
+    assert sorted(f.name for f in out.iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    ref, ref_cfg, _ = load_legacy_checkpoint(FIX / f'{name}.pth', **TINY[name])
+    _no_network(monkeypatch)
+    conv = LAPSModel.from_pretrained(out)                                    # no flags, no overrides
+    assert conv.cfg == ref_cfg
+    with torch.no_grad():
+        a = conv(T4_OUT['pixel_values'], T4_OUT['input_ids'])
+        b = ref(T4_OUT['pixel_values'], T4_OUT['input_ids'])
+    assert (a - b).abs().max().item() == 0
+    torch.testing.assert_close(a, T4_OUT[name]['sims'], rtol=0, atol=1e-6)
+    m, _, info = load_any_checkpoint(out)                                    # what `laps eval OUT` loads
+    with torch.no_grad(): assert info['format'] == 'laps' and torch.equal(m(T4_OUT['pixel_values'], T4_OUT['input_ids']), b)
+    card = (out / 'README.md').read_text()
+    assert f'converted from the published checkpoint `{name}.pth` (epoch 12, best_rsum 512.5, Eiters 4321)' in card
+    assert '- this checkpoint: epoch 12, step 4321' in card
+
+
+def test_convert_checkpoint_refuses_a_non_empty_folder_and_bad_sources(tmp_path):
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / 'keep.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match=r'out already exists and is not empty; .*overwrite=True'):
+        convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', **TINY['legacy_vit_improved'])
+    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['keep.txt']
+    convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', overwrite=True, **TINY['legacy_vit_improved'])
+    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert sorted(f.name for f in tmp_path.iterdir()) == ['out']                # replaced as a whole, nothing left over
+    (tmp_path / 'bad.pth').write_text('hello, not a checkpoint')
+    with pytest.raises(CheckpointError, match=r'bad\.pth: not a readable PyTorch checkpoint'):
+        convert_checkpoint(tmp_path / 'bad.pth', tmp_path / 'out2')
+    assert not (tmp_path / 'out2').exists()
 
 
 # ---------------------------------------------------------------- flags -> config

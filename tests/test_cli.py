@@ -115,6 +115,9 @@ def test_convert_errors_are_one_line(tmp_path):
     _one_error_line(_laps('convert', tmp_path / 'bad.pth', tmp_path / 'out'), f'{tmp_path / "bad.pth"}: ',
                     'not a readable PyTorch checkpoint')
     assert not (tmp_path / 'out').exists()
+    (tmp_path / 'full').mkdir(); (tmp_path / 'full' / 'x').write_text('x')
+    _one_error_line(_laps('convert', FIX / 'legacy_vit_improved.pth', tmp_path / 'full'),
+                    f'{tmp_path / "full"} already exists and is not empty')
 
 
 # ---------------------------------------------------------------- the released evaluation command line
@@ -160,7 +163,8 @@ def test_released_eval_command(released_layout):
         sims = load_sims(root / run / 'results_f30k.npy')
         assert sims.shape == (N_IMG, 5 * N_IMG)
         assert json.loads(sims_metadata_path(root / run / 'results_f30k.npy').read_text()) == \
-            {'dataset': 'f30k', 'split': 'test', 'protocol': 'f30k', 'shape': [N_IMG, 5 * N_IMG]}
+            {'dataset': 'f30k', 'split': 'test', 'shape': [N_IMG, 5 * N_IMG],
+             'protocol': {'captions_per_image': 5, 'fold_size': None, 'full_pass_prefix': None}}
         assert f"{run} (f30k test)\n{format_metrics(evaluate_sims(sims, 'f30k'))}" in out.stdout
     assert out.stdout.index('runs/f30k_vit') < out.stdout.index('runs/f30k_swin')
     # the saved matrices ensemble under the protocol their sidecars name

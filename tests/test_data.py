@@ -1,13 +1,16 @@
 """The data layer: the caption-file reader on the real Flickr30K files, bad input, transforms, tokenization,
-size augmentation, datasets, collate and loaders."""
-import json
+size augmentation, datasets, collate and loaders; the dataset registry (image folders, loss overrides, and a
+user's own dataset registered with one call, trained and evaluated)."""
+import json, logging
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from laps.config import get_config
-from laps.data import (read_split, check_images, image_folder, load_image, random_resized_crop_box, train_transform,
+from laps.config import LapsConfig, get_config
+from laps.datasets import DatasetSpec, TrainAugmentation, register_dataset, get_dataset, image_folder
+from laps.registry import DATASETS
+from laps.data import (read_split, check_images, load_image, random_resized_crop_box, train_transform,
                        eval_transform, apply_train_params, to_normalized_tensor, load_tokenizer, caption_words,
                        encode_caption, word_actions, augment_words, KEEP, MASK, RANDOM, DELETE, TrainDataset,
                        ImageDataset, CaptionDataset, collate, build_loader, build_train_loader, build_eval_loaders,
@@ -44,7 +47,7 @@ def toy_images(tmp_path, n_img=3, size=(24, 20)):
         a = rng.integers(0, 60, (size[1], size[0], 3), dtype=np.uint8)
         a[..., k] = 255
         Image.fromarray(a).save(d / 'images' / f'im{k}.png')
-    return read_split(tmp_path, 'toy', 'test'), d / 'images'
+    return read_split(tmp_path, 'toy', 'test', 5), d / 'images'
 
 
 # ---------------------------------------------------------------- reader on the real files
@@ -96,7 +99,7 @@ def test_bad_caption_files(tmp_path, case, match):
     d = write_split(tmp_path, caps, ids, mapping)
     if case == 'json': (d / 'id_mapping.json').write_text('{"7": "a.jpg",')
     with pytest.raises(ValueError, match=match):
-        read_split(tmp_path, 'toy', 'test')
+        read_split(tmp_path, 'toy', 'test', 5)
 
 
 def test_missing_folder_and_files(tmp_path):
@@ -106,9 +109,9 @@ def test_missing_folder_and_files(tmp_path):
     for name in ('test_ids.txt', 'id_mapping.json'):
         (d / name).rename(d / (name + '.bak'))
         with pytest.raises(FileNotFoundError, match=rf'{name} not found \(split \'test\' of toy needs'):
-            read_split(tmp_path, 'toy', 'test')
+            read_split(tmp_path, 'toy', 'test', 5)
         (d / (name + '.bak')).rename(d / name)
-    assert read_split(tmp_path, 'toy', 'test').n_images == 1
+    assert read_split(tmp_path, 'toy', 'test', 5).n_images == 1
 
 
 def test_corrupt_image_names_file(tmp_path, tok):
@@ -124,10 +127,23 @@ def test_corrupt_image_names_file(tmp_path, tok):
 
 
 def test_image_folder_choice():
-    assert image_folder('data/', 'f30k') == Path('data/f30k/images')
-    assert image_folder('data/', 'f30k', f30k_img_path='/x/flickr') == Path('/x/flickr')
-    assert image_folder('data/', 'coco', '/x/flickr', '/y/coco') == Path('/y/coco')
-    assert image_folder('data/', 'synthetic', '/x/flickr', '/y/coco') == Path('data/synthetic/images')
+    cfg = LapsConfig(data_path='data/', dataset='f30k')
+    assert image_folder(cfg) == Path('data/f30k/images')
+    assert image_folder(cfg.replace(f30k_img_path='/x/flickr')) == Path('/x/flickr')
+    assert image_folder(cfg.replace(dataset='coco', f30k_img_path='/x/flickr', coco_img_path='/y/coco')) == Path('/y/coco')
+    assert image_folder(cfg.replace(dataset='synthetic', f30k_img_path='/x/flickr', coco_img_path='/y/coco')) == \
+        Path('data/synthetic/images')
+    assert image_folder(cfg.replace(f30k_img_path='/x/flickr', img_path='/z/any')) == Path('/z/any')   # the generic flag wins
+    assert image_folder(cfg.replace(dataset='synthetic', img_path='/z/any')) == Path('/z/any')
+
+
+def test_unknown_dataset_lists_the_registered_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"dataset must be one of 'f30k', 'coco', 'synthetic'; got 'flickr'"):
+        LapsConfig(dataset='flickr')
+    write_split(tmp_path, [f'c{j}' for j in range(5)], [1] * 5, {1: 'a.jpg'})
+    with pytest.raises(KeyError, match=r"unknown dataset 'toy'; registered: f30k, coco, synthetic"):
+        read_split(tmp_path, 'toy', 'test')                             # no spec, no count: no silent default of 5
+    assert read_split(tmp_path, 'toy', 'test', captions_per_image=5).captions_per_image == 5
 
 
 # ---------------------------------------------------------------- transforms
@@ -271,7 +287,7 @@ def test_flip_swaps_left_right(tmp_path, tok):
     (d / 'images').mkdir()
     a = np.zeros((16, 16, 3), np.uint8); a[:, :8, 0] = 255; a[:, 8:, 2] = 255
     Image.fromarray(a).save(d / 'images' / 'x.png')
-    s = read_split(tmp_path, 'toy', 'test')
+    s = read_split(tmp_path, 'toy', 'test', 5)
     ds = TrainDataset(s, d / 'images', tok, img_res=16, size_augment=False, crop_scale=(1.0, 1.0),
                       flip_tokens=flip_token_map(tok))
     left, right = tok.convert_tokens_to_ids(['left', 'right'])
@@ -310,3 +326,111 @@ def test_factories_from_config(tmp_path, tok):
     assert (len(il.dataset), len(cl.dataset), split.n_images) == (3, 15, 3)
     with pytest.raises(FileNotFoundError, match='image folder'):
         build_train_loader(cfg.replace(f30k_img_path=str(tmp_path / 'missing')), tok, split='test')
+
+
+# ---------------------------------------------------------------- the dataset registry
+def test_bert_base_uncased_fallback_is_logged(caplog):
+    from huggingface_hub import try_to_load_from_cache
+    from laps.encoders import minilm_path
+    if isinstance(try_to_load_from_cache('bert-base-uncased', 'vocab.txt'), str):
+        pytest.skip('bert-base-uncased is in the Hugging Face cache here: nothing falls back')
+    with caplog.at_level(logging.WARNING, logger='laps.data'):
+        tok = load_tokenizer('bert-base-uncased')
+    records = [r for r in caplog.records if r.name == 'laps.data']
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    msg = records[0].getMessage()
+    assert "'bert-base-uncased' is not in the Hugging Face cache" in msg and str(minilm_path() / 'vocab.txt') in msg
+    assert len(tok) == 30522
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger='laps.data'):
+        load_tokenizer('minilm')                                        # asked for by name: nothing to warn about
+    assert not [r for r in caplog.records if r.name == 'laps.data']
+
+
+def test_loss_overrides_reach_the_criterion():
+    from laps.losses import DistanceWeightedTripletLoss
+    from laps.training import make_alignment_loss
+    sims, ids = torch.rand(8, 8) * 2 - 1, torch.arange(8)
+    def value(criterion):
+        torch.manual_seed(0)                                            # the triplet loss samples negatives
+        return criterion(sims, ids) if isinstance(criterion, torch.nn.Module) else criterion(sims, ids, 0)
+    cfg = LapsConfig(loss='trip', embed_size=16)
+    coco, f30k = value(make_alignment_loss(cfg.replace(dataset='coco'))), value(make_alignment_loss(cfg))
+    assert coco == value(DistanceWeightedTripletLoss(margin=0.2, embed_dim=16, nonzero_loss_cutoff=1.9))
+    assert f30k == value(DistanceWeightedTripletLoss(margin=0.2, embed_dim=16, nonzero_loss_cutoff=1.7))
+    assert coco != f30k and get_dataset('coco').loss_overrides == {'trip': {'nonzero_loss_cutoff': 1.9}}
+    register_dataset(DatasetSpec('badloss', loss_overrides={'vse': {'temperature': 0.1}}))
+    try:
+        with pytest.raises(ValueError, match=r"dataset 'badloss': loss_overrides\['vse'\] = \{'temperature': 0.1\} does not fit"):
+            make_alignment_loss(LapsConfig(dataset='badloss'))
+    finally: DATASETS.unregister('badloss')
+
+
+def mine_folder(root, n_train=8, n_dev=4, n_test=4, size=32):
+    "A dataset 'mine' in the released layout with 3 captions per image: colour k of 4, captions naming it."
+    colours = ['red', 'green', 'blue', 'yellow']
+    rgb = [(230, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 30)]
+    d = Path(root) / 'mine'
+    (d / 'images').mkdir(parents=True)
+    rng, mapping, next_id = np.random.default_rng(0), {}, 0
+    for split, n in (('train', n_train), ('dev', n_dev), ('test', n_test)):
+        ids = list(range(next_id, next_id + n)); next_id += n
+        caps = [f'{w} {colours[i % 4]} {what}' for i in ids for w, what in (('a', 'square'), ('one', 'picture'), ('the', 'patch'))]
+        (d / f'{split}_caps.txt').write_text(''.join(c + '\n' for c in caps))
+        (d / f'{split}_ids.txt').write_text(''.join(f'{i}\n' for i in ids for _ in range(3)))
+        for i in ids:
+            a = np.clip(np.array(rgb[i % 4]) + rng.integers(-20, 21, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(a).save(d / 'images' / f'{i:03d}.png'); mapping[str(i)] = f'{i:03d}.png'
+    (d / 'id_mapping.json').write_text(json.dumps(mapping))
+    return d
+
+
+@pytest.fixture
+def mine(tmp_path):
+    "The one documented registration call (nbs/05_datasets), undone after the test."
+    mine_folder(tmp_path)
+    spec = register_dataset(DatasetSpec('mine', captions_per_image=3))
+    yield tmp_path, spec
+    DATASETS.unregister('mine')
+
+
+def test_user_dataset_reads_and_loads(mine, tok):
+    root, spec = mine
+    cfg = get_config('cpu', dataset='mine', data_path=str(root), batch_size=6, img_res=16)
+    assert image_folder(cfg) == root / 'mine' / 'images' and spec.augmentation == TrainAugmentation()
+    s = read_split(root, 'mine', 'train')
+    assert (s.captions_per_image, s.n_images, s.n_captions, s.caption_img_ids[:4]) == (3, 8, 24, [0, 0, 0, 1])
+    b = next(iter(build_train_loader(cfg, tok)))
+    assert b['images'].shape == (6, 3, 16, 16) and b['input_ids'].shape[0] == 6
+    split, il, cl = build_eval_loaders(cfg, 'test', tok)
+    assert (len(il.dataset), len(cl.dataset), split.captions_per_image) == (4, 12, 3)
+    with pytest.raises(ValueError, match='expected exactly 5 consecutive lines per image'):
+        read_split(root, 'mine', 'test', captions_per_image=5)          # the files really hold 3 per image
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(DatasetSpec('mine'))
+
+
+def test_user_dataset_trains_and_evaluates(mine):
+    "One epoch through the runner with a tiny model, then the best checkpoint evaluated on test (about 2 s)."
+    from transformers import BertConfig, ViTConfig
+    from laps.checkpoint import load_checkpoint
+    from laps.evaluation import evaluate_split
+    from laps.metrics import evaluate_sims, retrieval_metrics
+    from laps.runner import train
+    root, _ = mine
+    cfg = get_config(None, dataset='mine', data_path=str(root), logger_name=str(root / 'run'), img_res=32, num_patches=16,
+                     embed_size=16, batch_size=6, num_epochs=1, workers=0, max_word=12, device='cpu', log_step=1,
+                     bert_path='minilm', vision_pretrained=False, text_pretrained=False, val_step=10**9, shard_size=64)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=30522)
+    result = train(cfg, progress=False, vision_backbone=vit, text_backbone=bert)
+    assert result['steps'] == 4 and result['best_metrics']['epoch'] == 0          # 24 captions / batch 6
+    run = Path(result['run_dir'])
+    assert json.loads((run / 'config.json').read_text())['dataset'] == 'mine'
+    assert np.load(run / 'sims_dev.npy').shape == (4, 12)                         # dev: 4 images x 3 captions
+    model, saved, _ = load_checkpoint(run / 'checkpoint_best')
+    assert saved.dataset == 'mine'
+    metrics, sims = evaluate_split(model, saved, 'test', progress=False)
+    assert sims.shape == (4, 12)
+    assert metrics == evaluate_sims(sims, 'mine') == retrieval_metrics(sims, captions_per_image=3)
+    assert 0 < metrics['rsum'] <= 600 and not any(k.startswith('minimal_pair') for k in metrics)

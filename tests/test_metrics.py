@@ -119,3 +119,25 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     np.testing.assert_array_equal(load_sims(p), np.ones((1, 5)))
     assert [q.name for q in tmp_path.iterdir()] == ['s.npy']
+
+
+def test_protocol_comes_from_the_dataset_spec():
+    from laps.datasets import DatasetSpec, EvalProtocol, register_dataset
+    from laps.registry import DATASETS
+    rng = np.random.default_rng(11)
+    s = rng.standard_normal((6, 18))                                              # 3 captions per image
+    register_dataset(DatasetSpec('mine3', captions_per_image=3))
+    register_dataset(DatasetSpec('mine3f', captions_per_image=3, protocol=EvalProtocol(fold_size=2, full_pass_prefix='all_')))
+    try:
+        assert evaluate_sims(s, 'mine3') == retrieval_metrics_naive(s, 3)
+        e = evaluate_sims(s, 'mine3f')
+        folds = [retrieval_metrics_naive(s[2 * f:2 * f + 2, 6 * f:6 * f + 6], 3) for f in range(3)]
+        assert set(e) == set(METRIC_KEYS) | {f'all_{k}' for k in METRIC_KEYS}
+        for k in METRIC_KEYS:
+            assert e[k] == pytest.approx(np.mean([m[k] for m in folds])) and e[f'all_{k}'] == retrieval_metrics_naive(s, 3)[k]
+        with pytest.raises(ValueError, match='expected 3 captions per image'):
+            evaluate_sims(np.zeros((2, 10)), 'mine3')
+    finally:
+        DATASETS.unregister('mine3'); DATASETS.unregister('mine3f')
+    with pytest.raises(KeyError, match=r"unknown dataset 'mine3'; registered: f30k, coco, synthetic"):
+        evaluate_sims(s, 'mine3')

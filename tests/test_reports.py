@@ -1,9 +1,18 @@
-"""Report notebooks (registry, parameters, clean sources), `laps report` arguments, and one quick report end to end."""
-import json, shlex
+"""Report notebooks (registry, parameters, clean sources), `laps report` arguments, atomic writes and run provenance,
+the quirks trace against the runner, and one quick report end to end."""
+import json, os, shlex, subprocess
 from pathlib import Path
 import nbformat
+import numpy as np
 import pytest
+from transformers import ViTConfig, BertConfig
 from laps import reports as R
+from laps.atomic import atomic_file, write_bytes_atomic, write_json_atomic, write_text_atomic, atomic_folder
+from laps.provenance import git_commit, command_record
+from laps.report_runs import ABLATIONS, train_command, code_commit
+from laps.report_tables import save_figure
+from laps.runner import prepare_run_dir, train
+from laps.training_trace import training_trace
 from laps.cli import main, build_parser, config_from_args
 from laps.config import get_config
 
@@ -30,10 +39,10 @@ def test_source_notebooks_are_not_module_notebooks():
 
 
 def test_every_ablation_command_reproduces_its_config():
-    for name, flags in R.ABLATIONS.items():
+    for name, flags in ABLATIONS.items():
         ov = dict(data_path='data/x', dataset='synthetic', num_epochs=2, batch_size=64, seed=0, log_step=5,
                   logger_name=f'runs/{name}', freeze_text_layers=-1, **flags)
-        cmd = R.train_command('cpu', ov)
+        cmd = train_command('cpu', ov)
         assert cmd[:4] == ['laps', 'train', '--preset', 'cpu']
         assert config_from_args(build_parser().parse_args(cmd[1:])) == get_config('cpu', **ov), name
 
@@ -64,6 +73,106 @@ def test_report_list(capsys):
     assert main(['report', '--list']) == 0
     out = capsys.readouterr().out
     assert 'ablation:' in out and "configs = ['released', 'cls', 'token_selection', 'attn', 'thres', 'learnable_temp', 'final']" in out
+
+
+def test_source_notebooks_import_the_split_modules():
+    "The report notebooks import what they use from the module of its job, not a catch-all `reports` namespace."
+    for spec in R.REPORTS.values():
+        src = '\n'.join(''.join(c.source) for c in nbformat.read(ROOT / spec.notebook, as_version=4).cells)
+        assert 'reports as R' not in src and 'R.' not in src.replace('PROVENANCE', ''), spec.notebook
+        assert "'testall'" not in src, f"{spec.notebook}: the COCO test split comes from the dataset registry"
+
+
+def _listing(folder): return sorted(p.name for p in Path(folder).iterdir())
+
+
+@pytest.mark.parametrize('write', ['text', 'bytes', 'json', 'file', 'figure'])
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, write):
+    path = tmp_path / 'out' / 'f.dat'
+    write_text_atomic(path, 'old\n')
+    class Boom(Exception): pass
+    def fail_during(write_fn):
+        with pytest.raises(Boom): write_fn()
+    if write == 'text':
+        def w():
+            with atomic_file(path) as f: f.write('new, half'); raise Boom
+    elif write == 'bytes':
+        class Chunks:                                                   # a producer that dies half-way
+            def __iter__(self): yield b'new'; raise Boom
+        def w():
+            with atomic_file(path, 'wb') as f:
+                for c in Chunks(): f.write(c)
+    elif write == 'json':
+        def w():
+            try: write_json_atomic(path, {'ok': 1, 'bad': object()})
+            except TypeError as e: raise Boom from e
+    elif write == 'file':
+        def w():
+            with atomic_file(path, 'wb') as f: np.save(f, np.zeros(3)); raise Boom
+    else:
+        import matplotlib; matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(2, 2)); ax.plot([0, 1])
+        fig.canvas.print_png = lambda *a, **k: (_ for _ in ()).throw(Boom())   # the PNG writer fails
+        prov = {'r': dict(run_dir='runs/r', command='laps train', commit='abc', seed=0, date='2026-01-01')}
+        def w(): save_figure(fig, path, prov)
+    fail_during(w)
+    assert path.read_text() == 'old\n' and _listing(path.parent) == ['f.dat']
+    write_bytes_atomic(path, b'new')
+    assert path.read_bytes() == b'new' and _listing(path.parent) == ['f.dat']
+
+
+def test_atomic_folder_keeps_the_old_folder_on_error(tmp_path):
+    dst = tmp_path / 'ckpt'
+    with atomic_folder(dst) as d: (d / 'w.txt').write_text('1')
+    with pytest.raises(OSError):
+        with atomic_folder(dst) as d: (d / 'w.txt').write_text('2'); raise OSError('disk full')
+    assert (dst / 'w.txt').read_text() == '1' and _listing(tmp_path) == ['ckpt']
+
+
+def _git(*args, cwd): subprocess.run(['git', *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_git_commit_dirty_flag_and_command_record(tmp_path, monkeypatch):
+    repo = tmp_path / 'repo'; (repo / 'reports').mkdir(parents=True)
+    _git('init', '-q', cwd=repo)
+    (repo / 'a.py').write_text('1\n'); (repo / 'reports' / 't.md').write_text('1\n')
+    _git('add', '.', cwd=repo); _git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-qm', 'c', cwd=repo)
+    head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    assert git_commit(repo) == head
+    (repo / 'untracked.txt').write_text('x')
+    assert git_commit(repo) == head                                     # untracked files are not changes to the code
+    (repo / 'reports' / 't.md').write_text('2\n')
+    assert git_commit(repo) == head + '+dirty' and git_commit(repo, exclude='reports') == head
+    assert code_commit(repo / 'reports') == head                         # what reports record
+    (repo / 'a.py').write_text('2\n')
+    assert git_commit(repo, exclude='reports') == head + '+dirty'
+    assert git_commit(tmp_path) is None                                  # not a repository
+    monkeypatch.chdir(repo)
+    rec = command_record(['laps', 'train'], resume=False, world_size=2)
+    assert (rec['argv'], rec['commit'], rec['resume'], rec['world_size']) == (['laps', 'train'], head + '+dirty', False, 2)
+    run = prepare_run_dir(get_config('cpu', logger_name=str(tmp_path / 'run')), resume=False, command=['laps', 'train', '-x'])
+    (logged,) = [json.loads(l) for l in (run / 'commands.jsonl').read_text().splitlines()]
+    assert logged['argv'] == ['laps', 'train', '-x'] and logged['commit'] == head + '+dirty' and logged['time'].endswith('+00:00')
+
+
+def test_trace_steps_are_the_runners_steps(tmp_path):
+    "n traced steps = the first n steps of `laps.runner.train` with the same configuration (same losses), across an epoch."
+    from laps.synthetic import generate_synthetic
+    generate_synthetic(tmp_path / 'synthetic', seed=0, n_train=8, n_dev=4, n_test=4)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522)
+    cfg = get_config('cpu', data_path=str(tmp_path), img_res=32, num_patches=16, embed_size=32, text_layers=0, batch_size=8,
+                     use_token_selection=1, token_selection_ratio=0.8, token_selection_trainable=1, log_step=1, eval=0,
+                     num_epochs=2, vision_pretrained=False, text_pretrained=False, logger_name=str(tmp_path / 'run'))
+    train(cfg, command=['laps', 'train'], progress=False, vision_backbone=vit, text_backbone=bert)
+    logged = [json.loads(l) for l in (tmp_path / 'run' / 'train_log.jsonl').read_text().splitlines()]
+    assert len(logged) == 10                                            # 40 captions / 8 = 5 steps an epoch, 2 epochs
+    traced = training_trace(cfg.replace(logger_name=str(tmp_path / 'trace')), 7, vision_backbone=vit, text_backbone=bert)
+    assert [r['epoch'] for r in traced] == [0] * 5 + [1] * 2
+    for key in ('loss', 'align_loss', 'grad_norm', 'attn_mat_grad_norm'):
+        np.testing.assert_allclose([r[key] for r in traced], [r[key] for r in logged[:7]], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert len({round(r['loss'], 6) for r in traced}) > 1                   # the steps do train
 
 
 @pytest.mark.slow

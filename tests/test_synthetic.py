@@ -7,8 +7,8 @@ import pytest
 import torch
 from laps.config import get_config
 from laps.data import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders
-from laps.synthetic import (generate_synthetic, plan_splits, scene_key, minimal_pair_accuracy, load_minimal_pairs,
-                            synthetic_cli, SYNONYMS, SHAPES, COLOURS, PAIR_KINDS)
+from laps.minimal_pairs import minimal_pair_accuracy, load_minimal_pairs
+from laps.synthetic import generate_synthetic, plan_splits, scene_key, synthetic_cli, SYNONYMS, SHAPES, COLOURS, PAIR_KINDS
 
 SMALL = dict(n_train=40, n_dev=10, n_test=10)
 
