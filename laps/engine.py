@@ -4,7 +4,6 @@
 
 # %% ../nbs/46_engine.ipynb #9f7b3ff7
 from __future__ import annotations
-import math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F

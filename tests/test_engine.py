@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from laps import LapsConfig, CrossNet
 from laps.registry import SIMILARITY_METHODS
-from laps.engine import batched_forward, DEFAULT_MEMORY_BUDGET
+from laps.engine import DEFAULT_MEMORY_BUDGET
 from laps.lps import n_kept_patches, image_global, text_global, patch_scores
 import extra_similarity
 
