@@ -250,5 +250,9 @@ def test_bench_quick_json(capsys):
     for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup'):
         assert key in out, key
         assert out[key] > 0, (key, out[key])
-    assert 0 <= out['max_abs_diff'] <= 1e-4 and 0 <= out['train_grad_max_abs_diff'] <= 1e-4
+    assert 0 <= out['max_abs_diff'] <= 1e-4 and 0 <= out['train_max_abs_diff'] <= 1e-4
+    # Gradients are not compared here: the bench's random inputs are not kept away from ties, and where two
+    # cosines of a `max` are within rounding the engines may send the gradient to different tokens (both are
+    # subgradients): train_grad_max_abs_diff was 6.8e-4 with uniform lengths, at fa51256 as now. The sweeps
+    # above compare every gradient on untied inputs.
     assert out['similarity'] == 'max' and out['caption_lengths_used'] in ('captions file', 'uniform 10-30 (captions file missing)')
