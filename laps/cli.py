@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, dataclasses, json, shlex, sys
 from fastcore.docments import docments
 from .config import LapsConfig, PRESETS, get_config
-from .registry import DATASETS
+from .registry import DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
 __all__ = ['add_config_flags', 'config_from_args', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
@@ -35,7 +35,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 help='sum over all negatives for the whole run (turns off a preset\'s --max_violation)')
         elif f.type == 'list[int]': parser.add_argument(*names, type=int, nargs='+', **kw)
         elif f.type in _SCALAR_TYPES:
-            choices = {'similarity_calc_method': ('max', 'attn', 'thres'), 'token_selection_strategy': ('ratio', 'score'),
+            choices = {'similarity_calc_method': SIMILARITY_METHODS.names(), 'token_selection_strategy': ('ratio', 'score'),
                        'vit_type': ('vit', 'swin'), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
                        'dataset': DATASETS.names()}.get(f.name)
             parser.add_argument(*names, type=_SCALAR_TYPES[f.type], choices=choices, **kw)

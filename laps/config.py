@@ -8,14 +8,13 @@ import dataclasses, json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
-from .registry import DATASETS
+from .registry import DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
-__all__ = ['SIMILARITY_METHODS', 'TOKEN_SELECTION_STRATEGIES', 'VIT_TYPES', 'LOSSES', 'ENGINES', 'DEFAULT_VISION_BACKBONES',
-           'PRESETS', 'LapsConfig', 'get_config']
+__all__ = ['TOKEN_SELECTION_STRATEGIES', 'VIT_TYPES', 'LOSSES', 'ENGINES', 'DEFAULT_VISION_BACKBONES', 'PRESETS', 'LapsConfig',
+           'get_config']
 
 # %% ../nbs/00_config.ipynb #ab8d328b
-SIMILARITY_METHODS = ('max', 'attn', 'thres')
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
 VIT_TYPES = ('vit', 'swin')
 LOSSES = ('vse', 'trip')
@@ -49,7 +48,7 @@ class LapsConfig:
     token_selection_strategy: str = 'ratio'  # ratio | score
     token_selection_ratio: float = 1.0  # fraction of non-[CLS] tokens kept by `ratio`
     token_selection_trainable: int = 0  # 1: straight-through gate so `attn_mat` learns (not in the release)
-    similarity_calc_method: str = 'max'  # max | attn | thres
+    similarity_calc_method: str = 'max'  # a registered similarity method (laps.registry.SIMILARITY_METHODS)
     use_learnable_temp: int = 0  # improved: learnable temperature of the `attn` similarity
     score_threshold: float = 0.7  # threshold of the `thres` similarity
     # --- backbones
@@ -89,7 +88,7 @@ class LapsConfig:
     preset: str | None = None  # name of the preset this config was resolved from
 
     def __post_init__(self):
-        _check_choice('similarity_calc_method', self.similarity_calc_method, SIMILARITY_METHODS)
+        SIMILARITY_METHODS.check('similarity_calc_method', self.similarity_calc_method)
         _check_choice('token_selection_strategy', self.token_selection_strategy, TOKEN_SELECTION_STRATEGIES)
         _check_choice('vit_type', self.vit_type, VIT_TYPES)
         DATASETS.check('dataset', self.dataset)

@@ -10,6 +10,7 @@ import torch
 from .atomic import atomic_folder
 from .config import LapsConfig, DEFAULT_VISION_BACKBONES
 from .encoders import BUILTIN_CONFIGS, backbone_config, num_spatial_patches
+from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, VISION_PREFIX
 from .pretrained import build_checked, write_pretrained
 from .model import LAPSModel
@@ -119,22 +120,24 @@ def config_from_opt(opt, vision_backbone=None, text_backbone=None, notes: list |
 
 # %% ../nbs/66_legacy.ipynb #9f6203c4
 def fit_legacy_keys_to_config(state_dict: dict, cfg: LapsConfig, notes: list | None = None) -> dict:
-    "Drop improved-model keys that `cfg`'s flags leave unused; fill or reshape scalar parameters."
+    "Drop improved-model keys that `cfg`'s flags leave unused; fill what its similarity method may omit; reshape scalars."
     notes = [] if notes is None else notes
     sd = dict(state_dict)
+    method = SIMILARITY_METHODS.get(cfg.similarity_calc_method)
     unused = []
     if not cfg.use_token_selection: unused.append(('cross_net.tok_select_net.', 'use_token_selection=0'))
-    if cfg.similarity_calc_method != 'attn':
-        unused += [(p, f"similarity_calc_method={cfg.similarity_calc_method!r}")
-                   for p in ('cross_net.i2t_attn_mat.', 'cross_net.t2i_attn_mat.', 'cross_net.temp')]
-    for prefix, why in unused:
+    for other in dict(SIMILARITY_METHODS.items()).values():             # parameters of the methods not in use
+        unused += [('cross_net.' + p, f"similarity_calc_method={cfg.similarity_calc_method!r}")
+                   for p in other.param_names if p not in method.param_names]
+    for prefix, why in dict.fromkeys(unused):
         keys = [k for k in sd if k == prefix or (prefix.endswith('.') and k.startswith(prefix))]
         if keys:
             for k in keys: del sd[k]
             notes.append(f"dropped {', '.join(keys)}: unused with {why}")
-    if cfg.similarity_calc_method == 'attn' and 'cross_net.temp' not in sd and not cfg.use_learnable_temp:
-        sd['cross_net.temp'] = torch.ones(1, 1, 1)
-        notes.append("cross_net.temp absent: using the fixed temperature 1 (use_learnable_temp=0)")
+    for k, v in method.legacy_defaults(cfg).items():                   # e.g. attn's fixed temperature 1
+        if 'cross_net.' + k not in sd:
+            sd['cross_net.' + k] = v
+            notes.append(f"cross_net.{k} absent: using {method.name}'s default {v.flatten().tolist()} for this configuration")
     for k in ('cross_net.temp', 'cross_net.aggr_net.scale'):
         if k in sd and sd[k].numel() == 1 and sd[k].shape != (1, 1, 1): sd[k] = sd[k].reshape(1, 1, 1)
     return sd

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import re
 from torch import nn
+from .registry import SIMILARITY_METHODS
 
 # %% auto #0
 __all__ = ['VISION_PREFIX', 'TEXT_PREFIX', 'CheckpointError', 'describe_state_dict', 'check_state_dict']
@@ -42,7 +43,9 @@ def describe_state_dict(state_dict: dict) -> dict:
     if 'cross_net.aggr_net.weight.3.weight' in state_dict:
         d['n_aggregated'] = state_dict['cross_net.aggr_net.weight.3.weight'].shape[0]
     d['token_selection'] = any(k.startswith('cross_net.tok_select_net.') for k in state_dict)
-    d['attn_similarity'] = any(k.startswith(('cross_net.i2t_attn_mat.', 'cross_net.t2i_attn_mat.')) for k in state_dict)
+    for name, method in SIMILARITY_METHODS.items():                    # methods that own parameters, e.g. attn
+        if method.param_names:
+            d[f'{name}_similarity'] = any(k.startswith(tuple('cross_net.' + p for p in method.param_names)) for k in state_dict)
     return d
 
 def check_state_dict(state_dict: dict, model: nn.Module, source) -> None:
