@@ -87,7 +87,7 @@ class LapsConfig:
     def __post_init__(self):
         _check_choice('similarity_calc_method', self.similarity_calc_method, SIMILARITY_METHODS)
         _check_choice('token_selection_strategy', self.token_selection_strategy, TOKEN_SELECTION_STRATEGIES)
-        _check_choice('vit_type', self.vit_type, tuple(n for n, a in BACKBONES.items() if a.modality == 'vision'))
+        _check_choice('vit_type', self.vit_type, _vision_families())
         _check_choice('dataset', self.dataset, DATASETS)
         _check_choice('loss', self.loss, LOSSES)
         _check_choice('engine', self.engine, ENGINES)
@@ -144,8 +144,12 @@ def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
+def _vision_families() -> tuple[str, ...]:
+    return tuple(n for n, a in BACKBONES.items() if a.modality == 'vision')  # = laps.encoders.vision_families()
+
 def default_vision_backbone(vit_type: str) -> str:
     "The default backbone of vision family `vit_type`, as its adapter in `BACKBONES` declares it (the paper's for vit, swin)."
+    _check_choice('vit_type', vit_type, _vision_families())
     name = BACKBONES.get(vit_type).default_backbone
     if name is None:
         raise ValueError(f"vit_type={vit_type!r} has no default vision backbone; set vision_backbone (--vision_backbone)")
