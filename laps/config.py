@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_config.ipynb #0ca5e507
 from __future__ import annotations
-import dataclasses, json, math
+import json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any

@@ -4,7 +4,7 @@
 
 # %% ../nbs/70_training.ipynb #b9940a56
 from __future__ import annotations
-import math, random
+import random
 import numpy as np
 import torch
 from torch import nn
