@@ -11,6 +11,7 @@ import torch
 from .config import get_config, PRESETS
 from .registry import SIMILARITY_METHODS
 from .crossnet import CrossNet
+from .encoders import adapter_for, backbone_config
 from .engine import engine_flops, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
@@ -113,9 +114,11 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     overrides = {k: v for k, v in (('embed_size', embed_size), ('similarity_calc_method', similarity)) if v is not None}
     cfg = get_config(preset, **overrides)                                  # an unknown similarity lists the registered ones
     C, N = cfg.embed_size, cfg.num_patches
-    T = N + 1 if cfg.vit_type == 'vit' else N
+    vision = backbone_config(cfg.vision_backbone)
+    P = adapter_for(vision).num_prefix_tokens(vision)                  # tokens before the patches: ViT 1, Swin 0
+    T = N + P
     torch.manual_seed(seed)
-    net = CrossNet(cfg, num_prefix_tokens=T - N).to(device)
+    net = CrossNet(cfg, num_prefix_tokens=P).to(device)
     net.memory_budget = memory_budget
     lens, source, fallback = caption_lengths(captions, n_texts, seed, cfg.max_word)
     out = dict(device=device, threads=torch.get_num_threads(), clock=clock, torch=torch.__version__, machine=platform.processor() or platform.machine(),
@@ -167,7 +170,7 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     # --- FLOP bound
     out['gemm_gflops'] = gemm_gflops(device, gemm_n, clock=clock)
     f = engine_flops(N=N, C=C, L=out['mean_caption_len'], sparse_ratio=cfg.sparse_ratio, Ns=cfg.n_aggregated,
-                     has_cls=T > N, method=cfg.similarity_calc_method, n_img=n_images, n_cap=n_texts)
+                     has_cls=P > 0, method=cfg.similarity_calc_method, n_img=n_images, n_cap=n_texts)
     out['flops_per_pair_reference'], out['flops_per_pair_fast'] = f['reference'], f['fast']
     for name in ('fast', 'reference'):
         if f'eval_pairs_per_s_{name}' in out:

@@ -8,6 +8,7 @@ import argparse, dataclasses, json, shlex, sys
 from fastcore.docments import docments
 from .config import LapsConfig, PRESETS, get_config
 from .registry import DATASETS, SIMILARITY_METHODS
+from .encoders import vision_families
 
 # %% auto #0
 __all__ = ['add_config_flags', 'config_from_args', 'build_parser', 'cmd_train', 'cmd_eval', 'main']
@@ -36,7 +37,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.type == 'list[int]': parser.add_argument(*names, type=int, nargs='+', **kw)
         elif f.type in _SCALAR_TYPES:
             choices = {'similarity_calc_method': SIMILARITY_METHODS.names(), 'token_selection_strategy': ('ratio', 'score'),
-                       'vit_type': ('vit', 'swin'), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
+                       'vit_type': vision_families(), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
                        'dataset': DATASETS.names()}.get(f.name)
             parser.add_argument(*names, type=_SCALAR_TYPES[f.type], choices=choices, **kw)
         else: raise TypeError(f"LapsConfig.{f.name}: no CLI mapping for type {f.type}")

@@ -8,7 +8,7 @@ import argparse, logging, pickle, re
 from pathlib import Path
 import torch
 from .atomic import atomic_folder
-from .config import LapsConfig, DEFAULT_VISION_BACKBONES
+from .config import LapsConfig, default_vision_backbone
 from .encoders import BUILTIN_CONFIGS, backbone_config, num_spatial_patches
 from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, VISION_PREFIX
@@ -108,11 +108,10 @@ def config_from_opt(opt, vision_backbone=None, text_backbone=None, notes: list |
     if ignored: notes.append(f"ignored flag(s) unknown to LapsConfig: {', '.join(ignored)}")
     d = {k: v for k, v in flags.items() if k in names}
     vit_type = d.get('vit_type', 'vit')
-    if vit_type not in DEFAULT_VISION_BACKBONES:
-        raise ValueError(f"vit_type must be one of {', '.join(DEFAULT_VISION_BACKBONES)}; got {vit_type!r}")
-    vision = vision_backbone if vision_backbone is not None else DEFAULT_VISION_BACKBONES[vit_type]
+    default = default_vision_backbone(vit_type)                        # also rejects an unknown vit_type
+    vision = vision_backbone if vision_backbone is not None else default
     text = text_backbone if text_backbone is not None else _text_backbone_from_opt(d.get('bert_path'), notes)
-    d.update(vision_backbone=vision if isinstance(vision, str) else DEFAULT_VISION_BACKBONES[vit_type],
+    d.update(vision_backbone=vision if isinstance(vision, str) else default,
              bert_path=text if isinstance(text, str) else _text_backbone_from_opt(d.get('bert_path'), []),
              vision_pretrained=False, text_pretrained=False,
              num_patches=num_spatial_patches(backbone_config(vision), d.get('img_res', 224)))
