@@ -4,16 +4,19 @@
 
 # %% ../nbs/80_bench.ipynb #11034e3a
 from __future__ import annotations
-import argparse, functools, json, math, platform, random, resource, sys, time
-from contextlib import nullcontext
+import argparse, functools, json, logging, math, platform, random, resource, sys, time
 from pathlib import Path
+from typing import NamedTuple
 import torch
 from .config import get_config, PRESETS
+from .registry import SIMILARITY_METHODS
 from .crossnet import CrossNet
+from .encoders import adapter_for, backbone_config
 from .engine import engine_flops, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
-__all__ = ['DEFAULT_CAPTIONS', 'repo_root', 'caption_lengths', 'best_time', 'gemm_gflops', 'run_bench', 'bench_cli']
+__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'run_bench',
+           'bench_cli']
 
 # %% ../nbs/80_bench.ipynb #7c2fd89e
 DEFAULT_CAPTIONS = '../shared/data/f30k/test_caps.txt'  # relative to the repository root
@@ -32,16 +35,25 @@ def _file_lengths(path: str, max_word: int) -> list[int]:
     tok = BertTokenizerFast.from_pretrained(minilm_path())              # vocab.txt = bert-base-uncased's
     return [min(len(ids), max_word) for ids in tok(lines)['input_ids']]
 
-def caption_lengths(path: str | Path | None, n: int, seed: int = 0, max_word: int = 90) -> tuple[list[int], str]:
+class CaptionLengths(NamedTuple):
+    "Caption lengths for the benchmark and where they came from."
+    lengths: list[int]  # [CLS] and [SEP] included
+    source: str  # the captions file and tokeniser, or what was used instead
+    fallback: bool  # True: the captions file was missing, lengths are uniform in 10-30
+
+log = logging.getLogger(__name__)
+
+def caption_lengths(path: str | Path | None, n: int, seed: int = 0, max_word: int = 90) -> CaptionLengths:
     "`n` caption lengths ([CLS] and [SEP] included, at most `max_word`) sampled from a captions file, and their source."
     rng = random.Random(seed)
     p = Path(path) if path is not None else repo_root() / DEFAULT_CAPTIONS
     if not p.is_file():
-        return ([rng.randint(10, 30) for _ in range(n)],
-                f"captions file {p} not found: using uniform lengths 10-30 instead of real caption lengths")
+        source = f"captions file {p} not found: using uniform lengths 10-30 instead of real caption lengths"
+        log.warning("laps bench: %s", source)
+        return CaptionLengths([rng.randint(10, 30) for _ in range(n)], source, True)
     all_lens = _file_lengths(str(p.resolve()), max_word)
     lens = rng.sample(all_lens, n) if n <= len(all_lens) else rng.choices(all_lens, k=n)
-    return lens, f"{p} ({len(all_lens)} captions, bert-base-uncased tokens)"
+    return CaptionLengths(lens, f"{p} ({len(all_lens)} captions, bert-base-uncased tokens)", False)
 
 # %% ../nbs/80_bench.ipynb #ab37db13
 def _sync(device: str):
@@ -82,7 +94,7 @@ def _max_diff(a, b):
 
 def run_bench(*, quick: bool = False, captions: str | Path | None = None, threads: int | None = None,
               device: str = 'cpu', seed: int = 0, bf16: bool = False, preset: str = 'paper',
-              embed_size: int | None = None, n_images: int | None = None, n_texts: int | None = None,
+              similarity: str | None = None, embed_size: int | None = None, n_images: int | None = None, n_texts: int | None = None,
               ref_texts: int | None = None, train_batch: int = 128, ref_train_texts: int | None = None,
               train: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET, gemm_n: int = 2048,
               clock: str = 'wall', log=print) -> dict:
@@ -99,18 +111,23 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     n_texts = n_texts or (500 if quick else 1000)
     ref_texts = min(n_texts, 8 if quick else 32) if ref_texts is None else min(ref_texts, n_texts)
     ref_train_texts = min(train_batch, 8 if quick else 32) if ref_train_texts is None else min(ref_train_texts, train_batch)
-    cfg = get_config(preset, **({} if embed_size is None else {'embed_size': embed_size}))
+    overrides = {k: v for k, v in (('embed_size', embed_size), ('similarity_calc_method', similarity)) if v is not None}
+    cfg = get_config(preset, **overrides)                                  # an unknown similarity lists the registered ones
     C, N = cfg.embed_size, cfg.num_patches
-    T = N + 1 if cfg.vit_type == 'vit' else N
+    vision = backbone_config(cfg.vision_backbone)
+    P = adapter_for(vision).num_prefix_tokens(vision)                  # tokens before the patches: ViT 1, Swin 0
+    T = N + P
     torch.manual_seed(seed)
-    net = CrossNet(cfg).to(device)
+    net = CrossNet(cfg, num_prefix_tokens=P).to(device)
     net.memory_budget = memory_budget
-    lens, source = caption_lengths(captions, n_texts, seed, cfg.max_word)
+    lens, source, fallback = caption_lengths(captions, n_texts, seed, cfg.max_word)
     out = dict(device=device, threads=torch.get_num_threads(), clock=clock, torch=torch.__version__, machine=platform.processor() or platform.machine(),
                preset=preset, embed_size=C, tokens_per_image=T, sparse_ratio=cfg.sparse_ratio, aggr_ratio=cfg.aggr_ratio,
-               similarity=cfg.similarity_calc_method, caption_lengths=source, mean_caption_len=sum(lens) / len(lens),
+               similarity=cfg.similarity_calc_method, caption_lengths=source,
+               caption_lengths_used='uniform 10-30 (captions file missing)' if fallback else 'captions file',
+               caption_length_range=[min(lens), max(lens)], mean_caption_len=sum(lens) / len(lens),
                n_images=n_images, n_texts=n_texts, reference_texts_timed=ref_texts, memory_budget=memory_budget, notes=[])
-    if 'not found' in source: out['notes'].append(source)
+    if fallback: out['notes'].append(source)
     log(f"[bench] {preset}: {n_images} images x {n_texts} captions, C={C}, {T} tokens, {device}, "
         f"{out['threads']} threads, {clock} clock; caption lengths: {source}")
     if clock == 'cpu': out['notes'].append("times are CPU seconds of the single compute thread (--clock cpu): "
@@ -153,7 +170,7 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     # --- FLOP bound
     out['gemm_gflops'] = gemm_gflops(device, gemm_n, clock=clock)
     f = engine_flops(N=N, C=C, L=out['mean_caption_len'], sparse_ratio=cfg.sparse_ratio, Ns=cfg.n_aggregated,
-                     has_cls=cfg.vit_type == 'vit', method=cfg.similarity_calc_method, n_img=n_images, n_cap=n_texts)
+                     has_cls=P > 0, method=cfg.similarity_calc_method, n_img=n_images, n_cap=n_texts)
     out['flops_per_pair_reference'], out['flops_per_pair_fast'] = f['reference'], f['fast']
     for name in ('fast', 'reference'):
         if f'eval_pairs_per_s_{name}' in out:
@@ -167,7 +184,7 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
         B = train_batch
         net.train()
         g = torch.Generator().manual_seed(seed + 1)
-        lens_b, _ = caption_lengths(captions, B, seed + 1, cfg.max_word)
+        lens_b = caption_lengths(captions, B, seed + 1, cfg.max_word).lengths
         img_b, cap_b, lens_bt = _inputs(B, B, lens_b, T, C, device, seed + 1)
         w = torch.randn(B, B, generator=g).to(device)
         net.engine = 'fast'
@@ -209,6 +226,8 @@ def bench_cli(argv: list[str] | None = None) -> int:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--bf16', action='store_true', help='also time the fast engine under bf16 autocast')
     p.add_argument('--preset', default='paper', choices=sorted(PRESETS), help='model shapes and options')
+    p.add_argument('--similarity', default=None, choices=SIMILARITY_METHODS.names(),
+                   help="a registered similarity method, one of %(choices)s (default: the preset's)")
     p.add_argument('--images', type=int, default=None, help='images in the evaluation matrix')
     p.add_argument('--texts', type=int, default=None, help='captions in the evaluation matrix')
     p.add_argument('--ref-texts', type=int, default=None, help='captions the reference is timed on (0: skip it)')
@@ -231,7 +250,7 @@ def bench_cli(argv: list[str] | None = None) -> int:
     if a.memory_budget_mb <= 0: return fail(f"--memory-budget-mb must be positive, got {a.memory_budget_mb}")
     try:
         r = run_bench(quick=a.quick, captions=a.captions, threads=a.threads, device=a.device, seed=a.seed, bf16=a.bf16,
-                      preset=a.preset, n_images=a.images, n_texts=a.texts, ref_texts=a.ref_texts,
+                      preset=a.preset, similarity=a.similarity, n_images=a.images, n_texts=a.texts, ref_texts=a.ref_texts,
                       train_batch=a.train_batch, train=not a.no_train, memory_budget=int(a.memory_budget_mb * 2**20),
                       clock=a.clock,
                       log=(lambda *x: print(*x, file=sys.stderr)) if a.json else print)

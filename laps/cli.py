@@ -40,6 +40,7 @@ _SCALAR_TYPES = {'int': int, 'float': float, 'str': str, 'str | None': str, 'boo
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     "One `--flag` per `LapsConfig` field (default None: unset flags do not override the preset)."
+    from laps.encoders import vision_families                          # the registries' choices import torch, transformers
     helps = field_comments(LapsConfig)
     for f in dataclasses.fields(LapsConfig):
         if f.name == 'preset': continue
@@ -53,7 +54,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif f.type == 'list[int]': parser.add_argument(*names, type=int, nargs='+', **kw)
         elif f.type in _SCALAR_TYPES:
             choices = {'similarity_calc_method': SIMILARITY_METHODS.names(), 'token_selection_strategy': ('ratio', 'score'),
-                       'vit_type': ('vit', 'swin'), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
+                       'vit_type': vision_families(), 'loss': ('vse', 'trip'), 'engine': ('fast', 'reference'),
                        'dataset': DATASETS.names()}.get(f.name)
             parser.add_argument(*names, type=_SCALAR_TYPES[f.type], choices=choices, **kw)
         else: raise TypeError(f"LapsConfig.{f.name}: no CLI mapping for type {f.type}")
@@ -70,8 +71,8 @@ class LapsArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-def build_parser() -> argparse.ArgumentParser:
-    "The `laps` argument parser with its subcommands."
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    "The `laps` argument parser; `laps train`'s config flags (they read the registries) only for `command` None or 'train'."
     p = LapsArgumentParser(prog='laps', description='LAPS fine-grained image-text retrieval.')
     p.add_argument('--debug', action='store_true',
                    help='show the Python traceback of an error instead of one line (anywhere on the command line)')
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--preset', choices=list(PRESETS), default=None, help='named preset the flags override')
     t.add_argument('--resume', action='store_true', help="continue the run in --logger_name from its last checkpoint")
     t.add_argument('--no_progress', action='store_true', help='disable progress bars')
-    add_config_flags(t)
+    if command in (None, 'train'): add_config_flags(t)                 # so `laps --help` and `laps eval` start at once
     e = sub.add_parser('eval', help='evaluate a run directory, checkpoint or legacy .pth')
     e.add_argument('target', nargs='?', help="run directory, checkpoint folder or published .pth; without one (and with "
                    "--dataset), what the released eval.py does: runs/<dataset>_vit and runs/<dataset>_swin")
@@ -233,7 +234,7 @@ def _dispatch(argv: list[str]) -> int:
         from laps.synthetic import synthetic_cli; return synthetic_cli(argv[2:])
     if argv[:1] == ['report']:
         from laps.reports import report_cli; return report_cli(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else '').parse_args(argv)
     return {'train': cmd_train, 'eval': cmd_eval, 'convert': cmd_convert}[args.command](args)
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,25 +4,19 @@
 
 # %% ../nbs/00_config.ipynb #0ca5e507
 from __future__ import annotations
-import dataclasses, json, math
+import json, math
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
-from .registry import DATASETS
+from .registry import BACKBONES, DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
-__all__ = ['SIMILARITY_METHODS', 'TOKEN_SELECTION_STRATEGIES', 'VIT_TYPES', 'LOSSES', 'ENGINES', 'DEFAULT_VISION_BACKBONES',
-           'PRESETS', 'LapsConfig', 'get_config']
+__all__ = ['TOKEN_SELECTION_STRATEGIES', 'LOSSES', 'ENGINES', 'PRESETS', 'LapsConfig', 'default_vision_backbone', 'get_config']
 
 # %% ../nbs/00_config.ipynb #ab8d328b
-SIMILARITY_METHODS = ('max', 'attn', 'thres')
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
-VIT_TYPES = ('vit', 'swin')
 LOSSES = ('vse', 'trip')
 ENGINES = ('fast', 'reference')
-
-DEFAULT_VISION_BACKBONES = {'vit': 'google/vit-base-patch16-224-in21k',
-                            'swin': 'microsoft/swin-base-patch4-window7-224'}
 
 @dataclass
 class LapsConfig:
@@ -38,7 +32,7 @@ class LapsConfig:
     max_word: int = 90  # captions are truncated to this many tokens, [CLS] and [SEP] included
     workers: int = 8  # data-loader worker processes
     # --- model
-    vit_type: str = 'vit'  # vit | swin
+    vit_type: str = 'vit'  # vision backbone family, a vision entry of `laps.registry.BACKBONES`: vit | swin | deit
     embed_size: int = 512  # joint embedding size C
     sparse_ratio: float = 0.5  # fraction of patches kept by LPS
     aggr_ratio: float = 0.4  # fraction of kept patches after SPA aggregation
@@ -49,11 +43,11 @@ class LapsConfig:
     token_selection_strategy: str = 'ratio'  # ratio | score
     token_selection_ratio: float = 1.0  # fraction of non-[CLS] tokens kept by `ratio`
     token_selection_trainable: int = 0  # 1: straight-through gate so `attn_mat` learns (not in the release)
-    similarity_calc_method: str = 'max'  # max | attn | thres
+    similarity_calc_method: str = 'max'  # a registered similarity method (laps.registry.SIMILARITY_METHODS)
     use_learnable_temp: int = 0  # improved: learnable temperature of the `attn` similarity
     score_threshold: float = 0.7  # threshold of the `thres` similarity
     # --- backbones
-    vision_backbone: str | None = None  # hub name, local folder or built-in name (None: paper default for vit_type)
+    vision_backbone: str | None = None  # hub name, local folder or built-in name (None: the default of vit_type's adapter)
     vision_pretrained: bool = True  # load the vision backbone's weights (False: random init, from scratch)
     bert_path: str = 'bert-base-uncased'  # text backbone: hub name, local folder or built-in name
     text_pretrained: bool = True  # load the text backbone's weights
@@ -89,9 +83,9 @@ class LapsConfig:
     preset: str | None = None  # name of the preset this config was resolved from
 
     def __post_init__(self):
-        _check_choice('similarity_calc_method', self.similarity_calc_method, SIMILARITY_METHODS)
+        SIMILARITY_METHODS.check('similarity_calc_method', self.similarity_calc_method)
         _check_choice('token_selection_strategy', self.token_selection_strategy, TOKEN_SELECTION_STRATEGIES)
-        _check_choice('vit_type', self.vit_type, VIT_TYPES)
+        _check_choice('vit_type', self.vit_type, _vision_families())
         DATASETS.check('dataset', self.dataset)
         _check_choice('loss', self.loss, LOSSES)
         _check_choice('engine', self.engine, ENGINES)
@@ -114,7 +108,7 @@ class LapsConfig:
             raise ValueError(f"num_patches * aggr_ratio * sparse_ratio = {self.num_patches} * {self.aggr_ratio} * "
                              f"{self.sparse_ratio} leaves no aggregated token; raise num_patches or the ratios")
         self.lr_schedules = [int(e) for e in self.lr_schedules]
-        if self.vision_backbone is None: self.vision_backbone = DEFAULT_VISION_BACKBONES[self.vit_type]
+        if self.vision_backbone is None: self.vision_backbone = default_vision_backbone(self.vit_type)
 
     @property
     def n_kept(self) -> int:
@@ -148,11 +142,21 @@ def _check_choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
+def _vision_families() -> tuple[str, ...]:
+    return tuple(n for n, a in BACKBONES.items() if a.modality == 'vision')  # = laps.encoders.vision_families()
+
+def default_vision_backbone(vit_type: str) -> str:
+    "The default backbone of vision family `vit_type`, as its adapter in `BACKBONES` declares it (the paper's for vit, swin)."
+    _check_choice('vit_type', vit_type, _vision_families())
+    name = BACKBONES.get(vit_type).default_backbone
+    if name is None:
+        raise ValueError(f"vit_type={vit_type!r} has no default vision backbone; set vision_backbone (--vision_backbone)")
+    return name
+
 # %% ../nbs/00_config.ipynb #864ed677
 PRESETS: dict[str, dict[str, Any]] = {
     'paper': dict(),
-    'paper-swin': dict(vit_type='swin', vision_backbone=DEFAULT_VISION_BACKBONES['swin'], num_patches=49,
-                       sparse_ratio=0.8, aggr_ratio=0.6),
+    'paper-swin': dict(vit_type='swin', num_patches=49, sparse_ratio=0.8, aggr_ratio=0.6),
     'improved': dict(batch_size=64, use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8,
                      similarity_calc_method='attn', use_learnable_temp=0),
     'cpu': dict(dataset='synthetic', data_path='data/', vision_backbone='laps/vit-tiny-64', vision_pretrained=False,

@@ -4,14 +4,14 @@
 
 # %% ../nbs/60_data.ipynb #601f5e32
 from __future__ import annotations
-import json, logging, math
+import functools, json, logging, math
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, DataLoader
-from .encoders import minilm_path
+from .encoders import minilm_path, pad_token_id
 from .datasets import get_dataset, image_folder
 
 logger = logging.getLogger(__name__)
@@ -285,6 +285,7 @@ class TrainDataset(Dataset):
         self.words = caption_words(tokenizer, split.captions)
         self.cls_id, self.sep_id, self.mask_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id
         self.vocab_size, self.special_ids = len(tokenizer), tuple(tokenizer.all_special_ids)
+        self.pad_id = pad_token_id(tokenizer)                     # what `build_loader` pads the captions with
         self.epoch = 0
 
     def set_epoch(self, epoch: int): self.epoch = int(epoch)
@@ -314,7 +315,7 @@ class ImageDataset(Dataset):
 class CaptionDataset(Dataset):
     "Evaluation captions in split order: ids (no augmentation), caption index, image id."
     def __init__(self, split: CaptionSplit, tokenizer, max_word: int = 90):
-        self.split = split
+        self.split, self.pad_id = split, pad_token_id(tokenizer)
         self.ids = [assemble_ids(w, tokenizer.cls_token_id, tokenizer.sep_token_id, max_word)
                     for w in caption_words(tokenizer, split.captions)]
     def __len__(self): return self.split.n_captions
@@ -322,13 +323,13 @@ class CaptionDataset(Dataset):
         return dict(input_ids=torch.tensor(self.ids[i]), caption_index=i, img_id=self.split.caption_img_ids[i])
 
 # %% ../nbs/60_data.ipynb #77ba839c
-def collate(batch: list[dict]) -> dict:
-    "Stack dataset items into a batch dict; ids are 0-padded to the longest caption."
+def collate(batch: list[dict], pad_id: int = 0) -> dict:
+    "Stack dataset items into a batch dict; ids are padded with `pad_id` (the tokenizer's) to the longest caption."
     out, first = {}, batch[0]
     if 'image' in first: out['images'] = torch.stack([b['image'] for b in batch])  # (B, 3, r, r)
     if 'input_ids' in first:
         lengths = torch.tensor([len(b['input_ids']) for b in batch])
-        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)  # (B, L)
+        ids = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, L)
         for k, b in enumerate(batch): ids[k, :len(b['input_ids'])] = b['input_ids']
         out['input_ids'], out['lengths'] = ids, lengths
     for key, name in (('img_id', 'img_ids'), ('caption_index', 'caption_index'), ('image_index', 'image_index')):
@@ -337,11 +338,13 @@ def collate(batch: list[dict]) -> dict:
 
 def build_loader(dataset: Dataset, batch_size: int, workers: int = 0, shuffle: bool = False, seed: int = 0,
                  sampler=None,  # e.g. DistributedSampler; replaces `shuffle`
-                 drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+                 drop_last: bool = False, pin_memory: bool = False,
+                 pad_id: int | None = None) -> DataLoader:  # caption padding id (None: the dataset's `pad_id`; 0 without one)
     "A DataLoader with `collate`; shuffling (without a sampler) follows a generator seeded with `seed`."
+    pad = getattr(dataset, 'pad_id', 0) if pad_id is None else pad_id
     gen = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
+                      num_workers=workers, collate_fn=functools.partial(collate, pad_id=pad), drop_last=drop_last, pin_memory=pin_memory,
                       generator=gen)
 
 # %% ../nbs/60_data.ipynb #aaa5f082

@@ -8,12 +8,125 @@ import math
 from pathlib import Path
 import torch
 from torch import nn
-from transformers import (PretrainedConfig, AutoConfig, ViTConfig, ViTModel, SwinConfig, SwinModel,
-                          BertConfig, BertModel)
+from transformers import (PretrainedConfig, AutoConfig, ViTConfig, ViTModel, SwinConfig, SwinModel, DeiTConfig,
+                          DeiTModel, BertConfig, BertModel, RobertaConfig, RobertaModel)
+from .registry import BACKBONES
 
 # %% auto #0
-__all__ = ['BUILTIN_CONFIGS', 'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone',
-           'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'TextEncoder']
+__all__ = ['BUILTIN_CONFIGS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'SwinAdapter', 'BertAdapter', 'RobertaAdapter',
+           'adapter_for', 'vision_families', 'minilm_path', 'resolve_backbone_source', 'backbone_config',
+           'build_backbone', 'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
+
+# %% ../nbs/10_encoders.ipynb #110b044b
+class BackboneAdapter:
+    "What LAPS reads from one family of `transformers` backbones; one instance per family in `BACKBONES`."
+    name: str = ''                               # the family's name in `BACKBONES`, e.g. 'vit'
+    modality: str = ''                           # 'vision' or 'text'
+    config_class: type = PretrainedConfig        # the family's `transformers` config class ...
+    model_class: type = nn.Module                # ... and model class
+    default_backbone: str | None = None          # the paper's hub name for the family (None: the paper has none)
+    model_kwargs: dict = {}                      # constructor arguments, e.g. ViT's pooling layer
+    prefix_tokens: int = 0                       # vision: tokens before the patches ([CLS], a distillation token)
+
+    def __repr__(self) -> str: return f"{type(self).__name__}({self.name!r}, {self.modality})"
+
+    def build(self, config: PretrainedConfig, source: str | None = None) -> nn.Module:
+        "The model of `config` with random weights, or with the weights of `source` (a folder or hub name)."
+        if source is None: return self.model_class(config, **self.model_kwargs)
+        return self.model_class.from_pretrained(source, **self.model_kwargs)
+
+    def hidden_size(self, config: PretrainedConfig) -> int:
+        "H, the width of the backbone's `last_hidden_state`."
+        return config.hidden_size
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        "The backbone's stack of layers, bottom first: what truncation and freezing count."
+        return model.encoder.layer
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        "The module below the first layer (token or patch embeddings)."
+        return model.embeddings
+
+    def keep_layers(self, model: nn.Module, n_layers: int) -> None:
+        "Keep only the bottom `n_layers` layers, in place; the config follows (a checkpoint stores the shorter stack)."
+        del self.layers(model)[n_layers:]
+        model.config.num_hidden_layers = n_layers
+
+    def _vision_only(self, config: PretrainedConfig, what: str) -> None:
+        if self.modality != 'vision':
+            raise ValueError(f"{type(config).__name__} is a {self.modality} backbone: it has no {what}")
+
+    def num_prefix_tokens(self, config: PretrainedConfig) -> int:
+        "Tokens before the patch tokens of `last_hidden_state`; the first of them, if any, is [CLS]."
+        self._vision_only(config, 'image tokens')
+        return self.prefix_tokens
+
+    def patch_stride(self, config: PretrainedConfig) -> int:
+        "Pixels per spatial token along a side of the image (ViT: the patch size)."
+        return config.patch_size
+
+    def patch_grid(self, config: PretrainedConfig, img_res: int) -> tuple[int, int]:
+        "(rows, columns) of spatial tokens at resolution `img_res`."
+        self._vision_only(config, 'patch grid')
+        side = img_res // self.patch_stride(config)
+        return side, side
+
+    def num_patches(self, config: PretrainedConfig, img_res: int) -> int:
+        "N = rows x columns, the spatial tokens (prefix tokens not counted) at resolution `img_res`."
+        rows, cols = self.patch_grid(config, img_res)
+        return rows * cols
+
+    def forward_kwargs(self, model: nn.Module, pixel_values: torch.Tensor) -> dict:
+        "Extra arguments of the backbone's forward for these pixels."
+        return {}
+
+# %% ../nbs/10_encoders.ipynb #5d2ab0de
+class ViTAdapter(BackboneAdapter):
+    "ViT (the paper's ViT-B/16): [CLS] + (r/p)^2 patches; built with its pooling layer, so checkpoints carry `pooler.*`."
+    name, modality, config_class, model_class = 'vit', 'vision', ViTConfig, ViTModel
+    default_backbone, model_kwargs, prefix_tokens = 'google/vit-base-patch16-224-in21k', dict(add_pooling_layer=True), 1
+
+    def forward_kwargs(self, model, pixel_values):
+        "Interpolate the position embeddings when the resolution is not the one the backbone was built for."
+        return dict(interpolate_pos_encoding=True) if pixel_values.shape[-1] != model.config.image_size else {}
+
+class DeiTAdapter(ViTAdapter):
+    "Distilled DeiT: [CLS], a distillation token, then (r/p)^2 patches (198 tokens at 224 px); not in the paper."
+    name, config_class, model_class, default_backbone, prefix_tokens = 'deit', DeiTConfig, DeiTModel, None, 2
+
+class SwinAdapter(BackboneAdapter):
+    "Swin (the paper's Swin-B/4, window 7): no [CLS]; patches merged 2x2 between its stages."
+    name, modality, config_class, model_class = 'swin', 'vision', SwinConfig, SwinModel
+    default_backbone = 'microsoft/swin-base-patch4-window7-224'
+
+    def patch_stride(self, config): return config.patch_size * 2 ** (len(config.depths) - 1)
+    def layers(self, model): return model.encoder.layers
+
+class BertAdapter(BackboneAdapter):
+    "BERT (the paper's bert-base-uncased; MiniLM shares its layout): `[CLS] w1 .. wn [SEP]`, padded with [PAD] = 0."
+    name, modality, config_class, model_class, default_backbone = 'bert', 'text', BertConfig, BertModel, 'bert-base-uncased'
+
+class RobertaAdapter(BertAdapter):
+    "RoBERTa: `<s> w1 .. wn </s>`, padded with <pad> = 1 (its <s> is 0); not in the paper."
+    name, config_class, model_class, default_backbone = 'roberta', RobertaConfig, RobertaModel, None
+
+for _adapter in (ViTAdapter(), SwinAdapter(), BertAdapter(), DeiTAdapter(), RobertaAdapter()):
+    BACKBONES.register(_adapter.name, _adapter, replace=True)     # replace: this cell re-run in the notebook
+
+def adapter_for(backbone) -> BackboneAdapter:
+    "The registered adapter of a backbone config or model: the family whose config class is nearest in its hierarchy."
+    config = backbone.config if isinstance(backbone, nn.Module) else backbone
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"adapter_for takes a transformers config or model, got {type(backbone).__name__}")
+    by_class = {a.config_class: a for _, a in BACKBONES.items()}
+    for cls in type(config).__mro__:
+        if cls in by_class: return by_class[cls]
+    raise ValueError(f"unsupported backbone architecture {type(config).__name__}; registered backbone families: "
+                     + ', '.join(f"{n} ({a.config_class.__name__})" for n, a in BACKBONES.items()))
+
+def vision_families() -> tuple[str, ...]:
+    "The registered vision families, in registration order: the values `vit_type` accepts."
+    return tuple(n for n, a in BACKBONES.items() if a.modality == 'vision')
 
 # %% ../nbs/10_encoders.ipynb #8f17a313
 BUILTIN_CONFIGS = {
@@ -58,29 +171,20 @@ def backbone_config(spec) -> PretrainedConfig:
         raise FileNotFoundError(f"backbone folder {src} has no config.json (expected a Hugging Face model folder)")
     return AutoConfig.from_pretrained(src)
 
-def _model_class(config: PretrainedConfig):
-    for cfg_cls, model_cls in ((ViTConfig, ViTModel), (SwinConfig, SwinModel), (BertConfig, BertModel)):
-        if isinstance(config, cfg_cls): return model_cls
-    raise ValueError(f"unsupported backbone architecture {type(config).__name__}; LAPS uses ViT, Swin or BERT")
-
 def build_backbone(spec, pretrained: bool = True) -> nn.Module:
-    "A `ViTModel` (with pooler, as the paper), `SwinModel` or `BertModel` from `spec`."
+    "The model of `spec`, built by its family's adapter (ViT with its pooler, as the paper)."
     src = resolve_backbone_source(spec)
     config = backbone_config(src)
-    cls = _model_class(config)
-    kw = dict(add_pooling_layer=True) if cls is ViTModel else {}
-    if isinstance(src, PretrainedConfig) or not pretrained: return cls(config, **kw)
-    return cls.from_pretrained(src, **kw)
+    from_weights = isinstance(src, str) and pretrained
+    return adapter_for(config).build(config, src if from_weights else None)
 
 # %% ../nbs/10_encoders.ipynb #163b45e6
 def num_spatial_patches(config: PretrainedConfig, img_res: int) -> int:
-    "N, the spatial tokens (no [CLS]) of `config` at resolution `img_res`."
-    if isinstance(config, ViTConfig): return (img_res // config.patch_size) ** 2
-    if isinstance(config, SwinConfig): return (img_res // (config.patch_size * 2 ** (len(config.depths) - 1))) ** 2
-    raise ValueError(f"{type(config).__name__} is not a vision backbone")
+    "N, the spatial tokens (no prefix tokens) of vision backbone `config` at resolution `img_res`, from its adapter."
+    return adapter_for(config).num_patches(config, img_res)
 
 def has_cls_token(n_tokens: int) -> bool:
-    "Does an image sequence of `n_tokens` start with [CLS]? Not a perfect square means yes (197 yes, 49 no)."
+    "The released guess for a raw image sequence of `n_tokens`: not a perfect square means a leading [CLS] (197 yes, 49 no)."
     return math.isqrt(n_tokens) ** 2 != n_tokens
 
 # %% ../nbs/10_encoders.ipynb #e8cdcad4
@@ -89,27 +193,55 @@ class ImageEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, embed_size: int):
         super().__init__()
         self.visual_encoder = backbone
-        hidden = backbone.config.hidden_size
+        if self.adapter.modality != 'vision':
+            raise ValueError(f"the vision backbone is a {type(backbone.config).__name__}, a {self.adapter.modality} backbone")
+        hidden = self.adapter.hidden_size(backbone.config)
         self.vision_proj = nn.Linear(hidden, embed_size) if hidden != embed_size else nn.Identity()
 
+    @property
+    def backbone(self) -> nn.Module: return self.visual_encoder
+    @property
+    def adapter(self) -> BackboneAdapter: return adapter_for(self.visual_encoder)
+    @property
+    def num_prefix_tokens(self) -> int:
+        "P, the tokens before the patches in `forward`'s output ([CLS] first, if any)."
+        return self.adapter.num_prefix_tokens(self.visual_encoder.config)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        "(B, 3, r, r) pixels -> (B, 1+N, C) for ViT, (B, N, C) for Swin."
-        kw = {}
-        if isinstance(self.visual_encoder, ViTModel) and pixel_values.shape[-1] != self.visual_encoder.config.image_size:
-            kw['interpolate_pos_encoding'] = True
+        "(B, 3, r, r) pixels -> (B, P + N, C): P prefix tokens (ViT 1, Swin 0, DeiT 2), then N patches."
+        kw = self.adapter.forward_kwargs(self.visual_encoder, pixel_values)
         hidden = self.visual_encoder(pixel_values=pixel_values, **kw).last_hidden_state
         return self.vision_proj(hidden)
 
 # %% ../nbs/10_encoders.ipynb #c4c4f26c
+def pad_token_id(tokenizer) -> int:
+    "The id `tokenizer` pads with (BERT 0, RoBERTa 1); also reads a text backbone's config. No pad token is an error."
+    pid = getattr(tokenizer, 'pad_token_id', None)
+    if pid is None:
+        name = getattr(tokenizer, 'name_or_path', None) or type(tokenizer).__name__
+        raise ValueError(f"{name!r} has no pad token id; LAPS pads captions with it (set pad_token_id)")
+    return int(pid)
+
 class TextEncoder(nn.Module):
-    "BERT + linear projection to the joint embedding size."
+    "Text backbone (BERT in the paper) + linear projection to the joint embedding size."
     def __init__(self, backbone: nn.Module, embed_size: int):
         super().__init__()
         self.bert = backbone
-        hidden = backbone.config.hidden_size
+        if self.adapter.modality != 'text':
+            raise ValueError(f"the text backbone is a {type(backbone.config).__name__}, a {self.adapter.modality} backbone")
+        hidden = self.adapter.hidden_size(backbone.config)
         self.fc = nn.Linear(hidden, embed_size) if hidden != embed_size else nn.Identity()
 
+    @property
+    def backbone(self) -> nn.Module: return self.bert
+    @property
+    def adapter(self) -> BackboneAdapter: return adapter_for(self.bert)
+    @property
+    def pad_token_id(self) -> int:
+        "The padding id of the text backbone's config (BERT 0, RoBERTa 1)."
+        return pad_token_id(self.bert.config)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        "(B, L) token ids, 0-padded -> (B, L, C)."
-        hidden = self.bert(input_ids=input_ids, attention_mask=(input_ids != 0).long()).last_hidden_state
-        return self.fc(hidden)
+        "(B, L) token ids, padded with `pad_token_id` -> (B, L, C)."
+        mask = (input_ids != self.pad_token_id).long()
+        return self.fc(self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state)

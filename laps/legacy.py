@@ -8,8 +8,9 @@ import argparse, logging, pickle, re
 from pathlib import Path
 import torch
 from .atomic import atomic_folder
-from .config import LapsConfig, DEFAULT_VISION_BACKBONES
+from .config import LapsConfig, default_vision_backbone
 from .encoders import BUILTIN_CONFIGS, backbone_config, num_spatial_patches
+from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, VISION_PREFIX
 from .pretrained import build_checked, write_pretrained
 from .model import LAPSModel
@@ -107,11 +108,10 @@ def config_from_opt(opt, vision_backbone=None, text_backbone=None, notes: list |
     if ignored: notes.append(f"ignored flag(s) unknown to LapsConfig: {', '.join(ignored)}")
     d = {k: v for k, v in flags.items() if k in names}
     vit_type = d.get('vit_type', 'vit')
-    if vit_type not in DEFAULT_VISION_BACKBONES:
-        raise ValueError(f"vit_type must be one of {', '.join(DEFAULT_VISION_BACKBONES)}; got {vit_type!r}")
-    vision = vision_backbone if vision_backbone is not None else DEFAULT_VISION_BACKBONES[vit_type]
+    default = default_vision_backbone(vit_type)                        # also rejects an unknown vit_type
+    vision = vision_backbone if vision_backbone is not None else default
     text = text_backbone if text_backbone is not None else _text_backbone_from_opt(d.get('bert_path'), notes)
-    d.update(vision_backbone=vision if isinstance(vision, str) else DEFAULT_VISION_BACKBONES[vit_type],
+    d.update(vision_backbone=vision if isinstance(vision, str) else default,
              bert_path=text if isinstance(text, str) else _text_backbone_from_opt(d.get('bert_path'), []),
              vision_pretrained=False, text_pretrained=False,
              num_patches=num_spatial_patches(backbone_config(vision), d.get('img_res', 224)))
@@ -119,22 +119,24 @@ def config_from_opt(opt, vision_backbone=None, text_backbone=None, notes: list |
 
 # %% ../nbs/66_legacy.ipynb #9f6203c4
 def fit_legacy_keys_to_config(state_dict: dict, cfg: LapsConfig, notes: list | None = None) -> dict:
-    "Drop improved-model keys that `cfg`'s flags leave unused; fill or reshape scalar parameters."
+    "Drop improved-model keys that `cfg`'s flags leave unused; fill what its similarity method may omit; reshape scalars."
     notes = [] if notes is None else notes
     sd = dict(state_dict)
+    method = SIMILARITY_METHODS.get(cfg.similarity_calc_method)
     unused = []
     if not cfg.use_token_selection: unused.append(('cross_net.tok_select_net.', 'use_token_selection=0'))
-    if cfg.similarity_calc_method != 'attn':
-        unused += [(p, f"similarity_calc_method={cfg.similarity_calc_method!r}")
-                   for p in ('cross_net.i2t_attn_mat.', 'cross_net.t2i_attn_mat.', 'cross_net.temp')]
-    for prefix, why in unused:
+    for other in dict(SIMILARITY_METHODS.items()).values():             # parameters of the methods not in use
+        unused += [('cross_net.' + p, f"similarity_calc_method={cfg.similarity_calc_method!r}")
+                   for p in other.param_names if p not in method.param_names]
+    for prefix, why in dict.fromkeys(unused):
         keys = [k for k in sd if k == prefix or (prefix.endswith('.') and k.startswith(prefix))]
         if keys:
             for k in keys: del sd[k]
             notes.append(f"dropped {', '.join(keys)}: unused with {why}")
-    if cfg.similarity_calc_method == 'attn' and 'cross_net.temp' not in sd and not cfg.use_learnable_temp:
-        sd['cross_net.temp'] = torch.ones(1, 1, 1)
-        notes.append("cross_net.temp absent: using the fixed temperature 1 (use_learnable_temp=0)")
+    for k, v in method.legacy_defaults(cfg).items():                   # e.g. attn's fixed temperature 1
+        if 'cross_net.' + k not in sd:
+            sd['cross_net.' + k] = v
+            notes.append(f"cross_net.{k} absent: using {method.name}'s default {v.flatten().tolist()} for this configuration")
     for k in ('cross_net.temp', 'cross_net.aggr_net.scale'):
         if k in sd and sd[k].numel() == 1 and sd[k].shape != (1, 1, 1): sd[k] = sd[k].reshape(1, 1, 1)
     return sd

@@ -13,10 +13,17 @@ from .encoders import has_cls_token
 __all__ = ['split_cls', 'n_kept_patches', 'image_global', 'text_global', 'patch_scores', 'select_patches']
 
 # %% ../nbs/20_lps.ipynb #47013135
-def split_cls(img_embs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    "(B, T, C) image tokens -> ([CLS] (B, 1, C) or None, spatial tokens (B, N, C)); [CLS] iff T is not a square."
-    if has_cls_token(img_embs.shape[1]): return img_embs[:, :1], img_embs[:, 1:]
-    return None, img_embs
+def split_cls(img_embs: torch.Tensor,  # (B, T, C) image tokens
+              num_prefix_tokens: int | None = None,  # tokens before the patches; None: the perfect-square rule
+              ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    "(B, T, C) -> ([CLS] (B, 1, C) or None, spatial tokens (B, N, C)); the first prefix token is [CLS]."
+    T = img_embs.shape[1]
+    if num_prefix_tokens is None: num_prefix_tokens = int(has_cls_token(T))   # released rule: raw tensors only
+    if not isinstance(num_prefix_tokens, int) or isinstance(num_prefix_tokens, bool) or not 0 <= num_prefix_tokens < T:
+        raise ValueError(f"num_prefix_tokens must be an integer in [0, {T - 1}] for {T} image tokens, "
+                         f"got {num_prefix_tokens!r}")
+    if num_prefix_tokens == 0: return None, img_embs
+    return img_embs[:, :1], img_embs[:, num_prefix_tokens:]
 
 def n_kept_patches(n_patches: int, sparse_ratio: float) -> int:
     "K = ceil(N * sparse_ratio)."

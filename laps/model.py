@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from .config import LapsConfig
-from .encoders import ImageEncoder, TextEncoder, build_backbone, num_spatial_patches
+from .encoders import ImageEncoder, TextEncoder, build_backbone, adapter_for
 from .crossnet import CrossNet
 from .pretrained import LapsHubMixin
 
@@ -15,26 +15,27 @@ from .pretrained import LapsHubMixin
 __all__ = ['keep_text_layers', 'frozen_text_modules', 'freeze_text_layers', 'LAPSModel', 'unwrap_model']
 
 # %% ../nbs/48_model.ipynb #6f6cd964
-def keep_text_layers(bert: nn.Module, n_layers: int) -> None:
-    "Keep only BERT's `n_layers` bottom layers (0: all), in place; its config follows."
+def _text_layers(text: nn.Module, n_layers: int, flag: str) -> nn.ModuleList:
+    layers = adapter_for(text).layers(text)
+    if n_layers > len(layers):
+        raise ValueError(f"{flag}={n_layers}, but the text backbone has only {len(layers)} layers")
+    return layers
+
+def keep_text_layers(text: nn.Module, n_layers: int) -> None:
+    "Keep only the text backbone's `n_layers` bottom layers (0: all), in place; its config follows."
     if n_layers == 0: return
-    layers = bert.encoder.layer
-    if n_layers > len(layers):
-        raise ValueError(f"text_layers={n_layers}, but the text backbone has only {len(layers)} layers")
-    bert.encoder.layer = layers[:n_layers]
-    bert.config.num_hidden_layers = n_layers
+    _text_layers(text, n_layers, 'text_layers')
+    adapter_for(text).keep_layers(text, n_layers)
 
-def frozen_text_modules(bert: nn.Module, n_layers: int) -> list[nn.Module]:
-    "The modules that `freeze_text_layers(bert, n_layers)` freezes."
+def frozen_text_modules(text: nn.Module, n_layers: int) -> list[nn.Module]:
+    "The modules that `freeze_text_layers(text, n_layers)` freezes: its embeddings and bottom layers, or all of it."
     if n_layers == 0: return []
-    layers = bert.encoder.layer
-    if n_layers > len(layers):
-        raise ValueError(f"freeze_text_layers={n_layers}, but the text backbone has only {len(layers)} layers")
-    return [bert] if n_layers == -1 else [bert.embeddings, *layers[:n_layers]]
+    layers = _text_layers(text, n_layers, 'freeze_text_layers')
+    return [text] if n_layers == -1 else [adapter_for(text).embeddings(text), *layers[:n_layers]]
 
-def freeze_text_layers(bert: nn.Module, n_layers: int) -> None:
-    "Freeze BERT's embeddings and its `n_layers` bottom layers (-1: everything; 0: nothing)."
-    for module in frozen_text_modules(bert, n_layers):
+def freeze_text_layers(text: nn.Module, n_layers: int) -> None:
+    "Freeze the text backbone's embeddings and its `n_layers` bottom layers (-1: everything; 0: nothing)."
+    for module in frozen_text_modules(text, n_layers):
         for p in module.parameters(): p.requires_grad_(False)
 
 # %% ../nbs/48_model.ipynb #80cc694f
@@ -47,13 +48,13 @@ class LAPSModel(nn.Module, LapsHubMixin):
         text = text_backbone if text_backbone is not None else cfg.bert_path
         vision = vision if isinstance(vision, nn.Module) else build_backbone(vision, cfg.vision_pretrained)
         text = text if isinstance(text, nn.Module) else build_backbone(text, cfg.text_pretrained)
-        n = num_spatial_patches(vision.config, cfg.img_res)
+        n = adapter_for(vision).num_patches(vision.config, cfg.img_res)
         if n != cfg.num_patches:
             raise ValueError(f"num_patches={cfg.num_patches}, but the vision backbone gives {n} spatial patches "
                              f"at img_res={cfg.img_res}; set num_patches={n}")
         self.img_enc = ImageEncoder(vision, cfg.embed_size)
         self.txt_enc = TextEncoder(text, cfg.embed_size)
-        self.cross_net = CrossNet(cfg)
+        self.cross_net = CrossNet(cfg, num_prefix_tokens=self.img_enc.num_prefix_tokens)
         keep_text_layers(self.txt_enc.bert, cfg.text_layers)
         freeze_text_layers(self.txt_enc.bert, cfg.freeze_text_layers)
 
@@ -64,12 +65,12 @@ class LAPSModel(nn.Module, LapsHubMixin):
         return self
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        "(B, 3, r, r) -> image token embeddings (B, T, C)."
+        "(B, 3, r, r) -> image token embeddings (B, P + N, C), P = the vision adapter's prefix tokens."
         return self.img_enc(pixel_values)
 
     def encode_captions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "(B, L) 0-padded ids -> token embeddings (B, L, C) and lengths n_word (B,)."
-        return self.txt_enc(input_ids), (input_ids != 0).sum(dim=1)
+        "(B, L) ids padded with the text backbone's pad id -> token embeddings (B, L, C) and lengths n_word (B,)."
+        return self.txt_enc(input_ids), (input_ids != self.txt_enc.pad_token_id).sum(dim=1)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
         "Eval mode: sims (B_v, B_t); train mode: (sims, score_mask (B_t, B_v, N)), as `CrossNet`."

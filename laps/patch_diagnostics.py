@@ -8,7 +8,7 @@ import difflib, math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .lps import split_cls, n_kept_patches, image_global, text_global, patch_scores, select_patches
+from .lps import n_kept_patches, image_global, text_global, patch_scores, select_patches
 
 # %% auto #0
 __all__ = ['object_patches', 'closest_captions', 'patch_selection', 'draw_patch_selection', 'caption_markup']
@@ -44,7 +44,7 @@ def patch_selection(model, pixel_values: torch.Tensor, input_ids: torch.Tensor) 
     model.eval(); net = model.cross_net
     img = model.encode_images(pixel_values)                                # (1, T, C)
     cap_embs, lens = model.encode_captions(input_ids)                      # (n, L, C), (n,)
-    cls, X = split_cls(img)                                                # (1,1,C)|None, (1,N,C)
+    cls, X = net.split_image(img)                                          # (1,1,C)|None, (1,N,C), by the model's prefix tokens
     N = X.shape[1]; K = n_kept_patches(N, net.sparse_ratio)
     g_img = image_global(cls, X, net.use_cls_as_glob)                      # (1, C)
     s_img = patch_scores(X, g_img, g_img[0])[0] / 2                        # (N,) cos(g_img, x_n)

@@ -11,11 +11,12 @@ from torch import nn
 from .config import LapsConfig
 from .losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, ratio_loss, finite_or_zero,
                          DistanceWeightedTripletLoss)
+from .encoders import ImageEncoder, TextEncoder
 from .model import LAPSModel, unwrap_model
 from .datasets import get_dataset
 
 # %% auto #0
-__all__ = ['BACKBONE_PREFIXES', 'resolve_device', 'seed_everything', 'build_optimizer', 'optimizer_for', 'lr_factor',
+__all__ = ['resolve_device', 'seed_everything', 'backbone_parameters', 'build_optimizer', 'optimizer_for', 'lr_factor',
            'set_epoch_lr', 'make_alignment_loss', 'training_step']
 
 # %% ../nbs/70_training.ipynb #14feee6a
@@ -32,17 +33,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/70_training.ipynb #88026cdd
-BACKBONE_PREFIXES = ('img_enc.visual_encoder.', 'txt_enc.bert.')
+def backbone_parameters(model: nn.Module) -> dict[str, set[int]]:
+    "ids of the parameters of the vision and text backbones inside `model` (a LAPSModel or any wrapper of one)."
+    owned = {'vision': set(), 'text': set()}
+    for m in model.modules():
+        if isinstance(m, ImageEncoder): owned['vision'] |= {id(p) for p in m.backbone.parameters()}
+        elif isinstance(m, TextEncoder): owned['text'] |= {id(p) for p in m.backbone.parameters()}
+    return owned
 
 def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float = 1e-4,
                     vision_lr_scale: float = 0.1, text_lr_scale: float = 0.1) -> torch.optim.AdamW:
     "AdamW: vision / text backbones at their scale x lr, everything else at lr; frozen parameters left out."
+    owned = backbone_parameters(model)
     groups = {'vision': [], 'text': [], 'heads': []}
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad: continue
-        key = ('vision' if name.startswith(BACKBONE_PREFIXES[0]) else 'text' if name.startswith(BACKBONE_PREFIXES[1])
-               else 'heads')
-        groups[key].append(p)
+        groups[next((k for k, ids in owned.items() if id(p) in ids), 'heads')].append(p)
     scales = dict(vision=vision_lr_scale, text=text_lr_scale, heads=1.0)
     return torch.optim.AdamW([dict(params=ps, lr=learning_rate * scales[k], lr_scale=scales[k], name=k)
                               for k, ps in groups.items() if ps], lr=learning_rate, weight_decay=weight_decay)

@@ -398,7 +398,7 @@ def test_missing_fixed_temp_and_module_prefix(tmp_path):
     del raw['model']['cross_net.temp']
     raw['model'] = {'module.' + k: v for k, v in raw['model'].items()}
     model, _, info = load_legacy_checkpoint(_write_legacy(tmp_path, raw), **TINY['legacy_vit_improved'])
-    assert any('fixed temperature 1' in n for n in info['notes'])
+    assert any(n.startswith('cross_net.temp absent') and "attn's default [1.0]" in n for n in info['notes'])
     with torch.no_grad():
         torch.testing.assert_close(model(T4_OUT['pixel_values'], T4_OUT['input_ids']), T4_OUT['legacy_vit_improved']['sims'],
                                    rtol=0, atol=1e-6)
@@ -513,7 +513,7 @@ def test_config_from_opt_backbones(tmp_path):
     assert any("'bert-large-uncased'" in n for n in notes) and any('lr' in n for n in notes)
     BERT.save_pretrained(tmp_path / 'mybert')                                # an existing local folder is kept
     assert config_from_opt({'bert_path': str(tmp_path / 'mybert')}).bert_path == str(tmp_path / 'mybert')
-    with pytest.raises(ValueError, match="vit_type must be one of vit, swin; got 'resnet'"):
+    with pytest.raises(ValueError, match="vit_type must be one of 'vit', 'swin', 'deit'; got 'resnet'"):
         config_from_opt({'vit_type': 'resnet'})
 
 

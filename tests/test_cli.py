@@ -64,6 +64,18 @@ def test_help_texts_come_from_the_config_comments():
     assert out.returncode == 0 and '--debug' in out.stdout and 'convert' in out.stdout
 
 
+def test_help_and_usage_errors_start_without_torch():
+    "`laps --help`, `laps eval --help` and a usage error answer at once: torch and transformers are not imported."
+    code = ("import contextlib, io, sys; from laps.cli import main\n"
+            "for argv in (['--help'], ['eval', '--help'], ['convert', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit): main(argv)\n"
+            "with contextlib.redirect_stderr(io.StringIO()): assert main(['eval']) == 2\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == '[]', (out.stdout, out.stderr[-2000:])
+
+
 # ---------------------------------------------------------------- expected errors: one line, status 2
 
 def _corrupt(p): p.write_bytes(b'PK\x03\x04 this is not a torch checkpoint' * 10)

@@ -3,35 +3,54 @@ import itertools, json
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from laps import LapsConfig, CrossNet
-from laps.engine import batched_forward, DEFAULT_MEMORY_BUDGET
-from laps.lps import split_cls, n_kept_patches, image_global, text_global, patch_scores
+from laps.registry import SIMILARITY_METHODS
+from laps.engine import DEFAULT_MEMORY_BUDGET
+from laps.lps import n_kept_patches, image_global, text_global, patch_scores
+import extra_similarity
 
 TOL = 1e-4
 
 
 def _combos():
-    "(method, use_cls, selection, learnable_temp, trainable_selection) for every meaningful combination."
-    for method, use_cls, selection in itertools.product(['max', 'attn', 'thres'], [0, 1], [None, 'ratio', 'score']):
-        for learn_temp in ([0, 1] if method == 'attn' else [0]):
+    "(method, use_cls, selection, learnable_temp, trainable_selection) for every registered method and meaningful option."
+    for method, use_cls, selection in itertools.product(SIMILARITY_METHODS.names(), [0, 1], [None, 'ratio', 'score']):
+        for learn_temp in ([0, 1] if 'use_learnable_temp' in SIMILARITY_METHODS.get(method).config_fields else [0]):
             for trainable in ([0, 1] if selection else [0]):
                 yield method, use_cls, selection, learn_temp, trainable
 
 
-def _net(method='max', use_cls=0, selection=None, learn_temp=0, trainable=0, C=32, N=196, **kw):
+with extra_similarity.registered():                                       # a method only these tests know is swept too
+    COMBOS, METHODS = list(_combos()), SIMILARITY_METHODS.names()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _extra_method_registered():
+    with extra_similarity.registered(): yield
+
+
+def test_the_sweep_covers_every_registered_method():
+    assert extra_similarity.GatedMeanSimilarity.name in METHODS
+    assert set(METHODS) == set(SIMILARITY_METHODS.names()) >= {'max', 'attn', 'thres'}
+    assert {c[0] for c in COMBOS} == set(METHODS)
+
+
+def _net(method='max', use_cls=0, selection=None, learn_temp=0, trainable=0, C=32, N=196, prefix=None, **kw):
     cfg = LapsConfig(embed_size=C, num_patches=N, similarity_calc_method=method, use_cls_as_glob_embd=use_cls,
                      use_token_selection=int(selection is not None), token_selection_strategy=selection or 'ratio',
                      token_selection_ratio=0.6, use_learnable_temp=learn_temp, token_selection_trainable=trainable,
                      score_threshold=0.25, **kw)
-    net = CrossNet(cfg)
-    if learn_temp:
-        with torch.no_grad(): net.temp.fill_(0.7)                          # away from 1, so a wrong temp would show
+    net = CrossNet(cfg, num_prefix_tokens=prefix)
+    with torch.no_grad():
+        for p in net.method_params.values():                               # a trained scalar, e.g. a learnable temp,
+            if isinstance(p, nn.Parameter) and p.requires_grad: p.fill_(0.7)   # away from its init, so misuse would show
     return net
 
 
 def decision_margin(net, img, cap, lens):
     "Smallest gap at any discrete choice the reference makes: top-k boundary, text selection, `thres` threshold."
-    img_cls, patches = split_cls(img)
+    img_cls, patches = net.split_image(img)
     N = patches.shape[1]
     K = n_kept_patches(N, net.sparse_ratio)
     gaps = []
@@ -50,10 +69,10 @@ def decision_margin(net, img, cap, lens):
                     k = -(-rel.numel() * net.token_selection['ratio'] // 1)
                     srt = rel.sort(descending=True).values
                     if 0 < k < rel.numel(): gaps.append(srt[int(k) - 1] - srt[int(k)])
-            if net.method == 'thres':
+            for jump in net.similarity_method.discontinuities:             # e.g. `thres`'s threshold
                 tokens, _ = net.image_tokens(img_cls, patches, c)
                 S = F.leaky_relu(net.caption_tokens(c) @ tokens.transpose(-1, -2), 0.1)
-                gaps.append((S - net.score_threshold).abs().min())
+                gaps.append((S - jump).abs().min())
     return float(min(gaps)) if gaps else float('inf')
 
 
@@ -82,7 +101,7 @@ def _assert_grads_close(g_fast, g_ref, tol=TOL):
         if a is not None: assert (a - b).abs().max() <= tol, (a - b).abs().max()
 
 
-@pytest.mark.parametrize('method,use_cls,selection,learn_temp,trainable', list(_combos()))
+@pytest.mark.parametrize('method,use_cls,selection,learn_temp,trainable', COMBOS)
 @pytest.mark.parametrize('T', [197, 49])
 def test_fast_equals_reference_values_masks_and_every_gradient(T, method, use_cls, selection, learn_temp, trainable):
     N = T - 1 if T == 197 else T
@@ -119,7 +138,23 @@ def test_vit_base_shapes(preset):
     _assert_grads_close(_grads(sims, net, img, cap, weights), g_ref)
 
 
-@pytest.mark.parametrize('method', ['max', 'attn'])
+@pytest.mark.parametrize('method,prefix,T', [(m, p, T) for m in METHODS for p, T in ((None, 197), (2, 198), (0, 49))])
+def test_prefix_tokens_both_engines(method, prefix, T):
+    "A DeiT's [CLS] + distillation token (2 prefix tokens), a ViT's [CLS] by the fallback rule, Swin's none."
+    net = _net(method, use_cls=1, selection='ratio', N=196 if T > 49 else 49, prefix=prefix).train()
+    img, cap, lens = untied_inputs(net, T, 32, requires_grad=True)
+    weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    net.engine = 'reference'; s_ref, m_ref = net(img, cap, lens); g_ref = _grads(s_ref, net, img, cap, weights)
+    net.engine = 'fast'; s, m = net(img, cap, lens)
+    assert m.shape == (4, 3, 196 if T > 49 else 49)
+    assert (s - s_ref).abs().max() <= TOL and torch.equal(m, m_ref)
+    g = _grads(s, net, img, cap, weights)
+    _assert_grads_close(g, g_ref)
+    if prefix == 2:                                                        # the distillation token is never read
+        assert g_ref[0][:, 1].abs().sum() == 0 and g[0][:, 1].abs().sum() == 0
+
+
+@pytest.mark.parametrize('method', METHODS)
 def test_memory_budget_only_changes_blocks(method):
     net = _net(method, selection='ratio').train()
     img, cap, lens = untied_inputs(net, 197, 32, n_img=5, caps=((9, 9), (2, 9), (5, 9), (7, 9), (3, 9), (9, 9)),
@@ -212,6 +247,12 @@ def test_bench_quick_json(capsys):
     from laps.bench import bench_cli
     assert bench_cli(['--quick', '--json']) == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup', 'max_abs_diff'):
-        assert key in out and out[key] > 0 or key == 'max_abs_diff'
-    assert out['max_abs_diff'] <= 1e-4
+    for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup'):
+        assert key in out, key
+        assert out[key] > 0, (key, out[key])
+    assert 0 <= out['max_abs_diff'] <= 1e-4 and 0 <= out['train_max_abs_diff'] <= 1e-4
+    # Gradients are not compared here: the bench's random inputs are not kept away from ties, and where two
+    # cosines of a `max` are within rounding the engines may send the gradient to different tokens (both are
+    # subgradients): train_grad_max_abs_diff was 6.8e-4 with uniform lengths, at fa51256 as now. The sweeps
+    # above compare every gradient on untied inputs.
+    assert out['similarity'] == 'max' and out['caption_lengths_used'] in ('captions file', 'uniform 10-30 (captions file missing)')

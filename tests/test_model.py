@@ -3,9 +3,30 @@ import itertools
 import pytest
 import torch
 from laps import LapsConfig, LAPSModel, CrossNet, hinge_triplet_loss, ratio_loss
+from laps.registry import SIMILARITY_METHODS
+import extra_similarity
 
-COMBOS = [c for c in itertools.product(['max', 'attn', 'thres'], [0, 1], [0, 1], [0, 1], ['ratio', 'score'])
-          if c[2] or c[4] == 'ratio']                                       # strategy only matters with selection
+
+def _combos():
+    "(method, use_cls, tok_sel, learn_temp, strategy) for every registered method; flags only where they matter."
+    for method, use_cls, tok_sel, strategy in itertools.product(SIMILARITY_METHODS.names(), [0, 1], [0, 1], ['ratio', 'score']):
+        if tok_sel or strategy == 'ratio':                                  # strategy only matters with selection
+            for learn_temp in ([0, 1] if 'use_learnable_temp' in SIMILARITY_METHODS.get(method).config_fields else [0]):
+                yield method, use_cls, tok_sel, learn_temp, strategy
+
+
+with extra_similarity.registered():                                       # a method only these tests know is swept too
+    COMBOS = list(_combos())
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _extra_method_registered():
+    with extra_similarity.registered(): yield
+
+
+def _method_owned(name: str, method: str) -> bool:
+    "Is `cross_net.`-relative key `name` a parameter of the similarity method?"
+    return any(name == k or (k.endswith('.') and name.startswith(k)) for k in SIMILARITY_METHODS.get(method).param_names)
 
 
 def _ids():
@@ -30,10 +51,11 @@ def test_every_configuration_trains(vision, method, use_cls, tok_sel, learn_temp
     assert grads['cross_net.aggr_net.weight.3.weight'].abs().sum() > 0
     assert grads['img_enc.vision_proj.weight'].abs().sum() > 0
     assert grads['txt_enc.fc.weight'] is not None or isinstance(model.txt_enc.fc, torch.nn.Identity)
-    if method == 'attn':
-        assert grads['cross_net.i2t_attn_mat.weight'].abs().sum() > 0
-        assert grads['cross_net.t2i_attn_mat.weight'].abs().sum() > 0
-        assert (grads['cross_net.temp'] is not None) == bool(learn_temp)
+    owned = {n: p for n, p in model.cross_net.named_parameters() if _method_owned(n, method)}
+    assert bool(owned) == bool(SIMILARITY_METHODS.get(method).param_names)
+    for n, p in owned.items():                                            # every parameter of the method learns,
+        g = grads[f'cross_net.{n}']                                       # unless it is fixed (attn's temp by default)
+        assert (g is not None and g.abs().sum() > 0) if p.requires_grad else g is None, n
     if tok_sel:
         assert grads['cross_net.tok_select_net.attn_mat.weight'] is None   # the released quirk
     model.eval()
@@ -62,3 +84,51 @@ def test_trainable_token_selection_learns(tiny_vit, tiny_bert):
     sims, _ = model(torch.randn(3, 3, 32, 32), _ids())
     hinge_triplet_loss(sims).backward()
     assert model.cross_net.tok_select_net.attn_mat.weight.grad.abs().sum() > 0
+
+
+PUBLISHED_CROSS_NET_KEYS = {                                                # spec section 10: checkpoints depend on these
+    'paper': ['aggr_net.scale', 'aggr_net.weight.0.bias', 'aggr_net.weight.0.weight', 'aggr_net.weight.1.bias',
+              'aggr_net.weight.1.weight', 'aggr_net.weight.3.bias', 'aggr_net.weight.3.weight'],
+    'improved': ['aggr_net.scale', 'aggr_net.weight.0.bias', 'aggr_net.weight.0.weight', 'aggr_net.weight.1.bias',
+                 'aggr_net.weight.1.weight', 'aggr_net.weight.3.bias', 'aggr_net.weight.3.weight', 'i2t_attn_mat.bias',
+                 'i2t_attn_mat.weight', 't2i_attn_mat.bias', 't2i_attn_mat.weight', 'temp', 'tok_select_net.attn_mat.bias',
+                 'tok_select_net.attn_mat.weight'],
+}
+
+
+@pytest.mark.parametrize('preset', ['paper', 'improved'])
+def test_state_dict_keys_are_the_published_ones(preset, tiny_vit, tiny_bert):
+    from laps import get_config
+    cfg = get_config(preset, embed_size=16, img_res=32, num_patches=16)
+    model = LAPSModel(cfg, vision_backbone=tiny_vit, text_backbone=tiny_bert)
+    keys = sorted(k[len('cross_net.'):] for k in model.state_dict() if k.startswith('cross_net.'))
+    assert keys == PUBLISHED_CROSS_NET_KEYS[preset]
+    order = [n[len('cross_net.'):] for n, _ in model.named_parameters() if n.startswith('cross_net.')]
+    assert order == (['temp'] if preset == 'improved' else []) + [      # parameter order too, as before (optimiser state)
+        'aggr_net.scale', 'aggr_net.weight.0.weight', 'aggr_net.weight.0.bias', 'aggr_net.weight.1.weight',
+        'aggr_net.weight.1.bias', 'aggr_net.weight.3.weight', 'aggr_net.weight.3.bias'] + ([
+        'tok_select_net.attn_mat.weight', 'tok_select_net.attn_mat.bias', 'i2t_attn_mat.weight', 'i2t_attn_mat.bias',
+        't2i_attn_mat.weight', 't2i_attn_mat.bias'] if preset == 'improved' else [])
+    sd = model.state_dict()
+    model.load_state_dict(sd)                                             # and they load back, also by assignment
+    model.load_state_dict({k: v.clone() for k, v in sd.items()}, assign=True)
+    if preset == 'improved':
+        assert model.cross_net.method_params['temp'] is model.cross_net.temp
+        assert model.cross_net.method_params['i2t_attn_mat'] is model.cross_net.i2t_attn_mat
+
+
+@pytest.mark.parametrize('method', ['max', 'attn', 'thres'])
+def test_method_keys_and_legacy_defaults(method):
+    "Each built-in method owns exactly its published keys; `attn` with a fixed temperature may omit `temp`."
+    cls = SIMILARITY_METHODS.get(method)
+    net = CrossNet(LapsConfig(embed_size=8, similarity_calc_method=method))
+    own = sorted(k for k in net.state_dict() if not k.startswith(('aggr_net.', 'tok_select_net.')))
+    assert own == {'max': [], 'thres': [],
+                   'attn': ['i2t_attn_mat.bias', 'i2t_attn_mat.weight', 't2i_attn_mat.bias', 't2i_attn_mat.weight', 'temp']}[method]
+    assert all(_method_owned(k, method) for k in own)
+    fixed, learnable = (cls.legacy_defaults(LapsConfig(similarity_calc_method=method, use_learnable_temp=t)) for t in (0, 1))
+    assert learnable == {}
+    if method == 'attn':
+        assert list(fixed) == ['temp'] and torch.equal(fixed['temp'], torch.ones(1, 1, 1))
+        assert torch.equal(net.state_dict()['temp'], fixed['temp'])       # the value a fresh fixed-temp model has
+    else: assert fixed == {}
