@@ -10,7 +10,7 @@
 #                    on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 #   make check-install  `pip install .` (no extras) into a fresh temporary venv and run `laps` there:
-#                    the runtime needs no dev tools (CI; 224 s measured on the shared 2-core machine, 2 min 34 s of CPU)
+#                    the runtime needs no dev tools (CI; 159-224 s measured on the shared 2-core machine, about 2.5 min of CPU)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
