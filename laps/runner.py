@@ -20,6 +20,7 @@ from .data import load_tokenizer, build_train_loader, build_loader, read_split, 
 from .datasets import image_folder
 from .checkpoint import save_checkpoint, load_checkpoint
 from .rng import restore_rng_states
+from .metrics import save_sims
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
@@ -168,9 +169,7 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
                 save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=epoch, step=global_step, best_rsum=best_rsum,
                                                                             best_metrics=best_metrics), save_rng=False)
                 write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best_metrics)
-                if cfg.save_results:
-                    from laps.metrics import save_sims
-                    save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims)
+                if cfg.save_results: save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims, cfg.dataset, cfg.val_split)
         model.train()
 
     try:
