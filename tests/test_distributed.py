@@ -76,7 +76,7 @@ def test_torchrun_train_then_eval(tiny_data, tmp_path):
     assert res.returncode == 0, res.stderr[-4000:]
     assert len([l for l in res.stdout.splitlines() if l.startswith('run ')]) == 1    # only rank 0 reports
     assert sorted(p.name for p in run.iterdir()) == ['checkpoint_best', 'checkpoint_last', 'commands.jsonl', 'config.json',
-                                                      'metrics_dev.json', 'sims_dev.npy', 'tensorboard', 'train_log.jsonl']
+                                                      'metrics_dev.json', 'sims_dev.npy', 'sims_dev.npy.json', 'tensorboard', 'train_log.jsonl']
     assert len(list((run / 'tensorboard').iterdir())) == 1               # one event file: one writer
     commands = _json_lines((run / 'commands.jsonl').read_text())
     assert len(commands) == 1 and commands[0]['world_size'] == 2
