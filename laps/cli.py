@@ -143,7 +143,7 @@ def evaluate_target(target, args):
     from laps.datasets import get_dataset
     from laps.evaluation import evaluate_split
     from laps.distributed import init_distributed, cleanup_distributed, barrier
-    model, cfg, _ = load_any_checkpoint(target)
+    model, cfg, info = load_any_checkpoint(target)
     cfg = cfg.replace(**_eval_overrides(args))
     model.cross_net.engine = cfg.engine
     split = args.split or get_dataset(cfg.dataset).test_split
@@ -153,7 +153,18 @@ def evaluate_target(target, args):
         metrics, sims = evaluate_split(model, cfg, split, progress=not (args.no_progress or args.json) and where.is_main)
         barrier(where)
     finally: cleanup_distributed(where)
-    return (metrics, sims, cfg, split) if where.is_main else None       # only rank 0 reports and writes
+    if not where.is_main: return None                                   # only rank 0 reports and writes
+    _record_run_metrics(info, cfg, split, metrics)
+    return metrics, sims, cfg, split
+
+def _record_run_metrics(info: dict, cfg, split: str, metrics: dict) -> None:
+    "A run's checkpoint evaluated on a split other than its validation split: `metrics_<split>.json` and its model card."
+    from laps.atomic import write_json_atomic
+    from laps.checkpoint import refresh_model_card
+    ckpt = Path(info.get('path', ''))
+    if info.get('format') != 'laps' or split == cfg.val_split or not (ckpt.parent / 'commands.jsonl').is_file(): return
+    write_json_atomic(ckpt.parent / f'metrics_{split}.json', metrics)
+    refresh_model_card(ckpt)
 
 def _metrics_text(metrics: dict) -> str:
     from laps.metrics import format_metrics

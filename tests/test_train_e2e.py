@@ -51,6 +51,10 @@ def test_train_kill_resume_and_eval(tiny_data, tmp_path):
     out = _laps('eval', run, '--json', '--save_sims', tmp_path / 'sims.npy')
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
+    # the run records the test metrics, and its best checkpoint's model card names them
+    assert json.loads((run / 'metrics_test.json').read_text()) == metrics
+    card = (run / 'checkpoint_best' / 'README.md').read_text()
+    assert 'metrics_test.json' in card and f"{metrics['rsum']:.1f}" in card
     for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum', 'minimal_pair_i2t', 'minimal_pair_t2i'):
         assert k in metrics
     assert abs(metrics['rsum'] - sum(metrics[k] for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10'))) < 1e-6
