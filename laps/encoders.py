@@ -8,14 +8,15 @@ import math
 from pathlib import Path
 import torch
 from torch import nn
-from transformers import (PretrainedConfig, AutoConfig, ViTConfig, ViTModel, SwinConfig, SwinModel, DeiTConfig,
+from transformers import (PretrainedConfig, AutoConfig, AutoModel, ViTConfig, ViTModel, SwinConfig, SwinModel, DeiTConfig,
                           DeiTModel, BertConfig, BertModel, RobertaConfig, RobertaModel)
 from .registry import BACKBONES
 
 # %% auto #0
 __all__ = ['BUILTIN_CONFIGS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'SwinAdapter', 'BertAdapter', 'RobertaAdapter',
-           'adapter_for', 'vision_families', 'minilm_path', 'resolve_backbone_source', 'backbone_config',
-           'build_backbone', 'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
+           'adapter_for', 'vision_families', 'ConvStemViTConfig', 'ConvStem', 'ConvStemViTModel', 'ConvViTAdapter',
+           'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone', 'num_spatial_patches',
+           'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
 
 # %% ../nbs/10_encoders.ipynb #110b044b
 class BackboneAdapter:
@@ -128,6 +129,46 @@ def vision_families() -> tuple[str, ...]:
     "The registered vision families, in registration order: the values `vit_type` accepts."
     return tuple(n for n, a in BACKBONES.items() if a.modality == 'vision')
 
+# %% ../nbs/10_encoders.ipynb #c2d8f3b5
+class ConvStemViTConfig(ViTConfig):
+    "A ViT whose patch embedding is a stack of stride-2 3x3 convolutions (`stem_channels` wide, then `hidden_size`)."
+    model_type = 'laps_conv_vit'
+    def __init__(self, stem_channels=(32, 64), **kwargs):
+        super().__init__(**kwargs)
+        self.stem_channels = [int(c) for c in stem_channels]
+
+class ConvStem(nn.Sequential):
+    "3x3 stride-2 convolutions from 3 channels to `hidden_size`: (B, 3, r, r) -> (B, H, r/p, r/p)."
+    def __init__(self, config: ConvStemViTConfig):
+        n = int(math.log2(config.patch_size))
+        if 2 ** n != config.patch_size or len(config.stem_channels) != n - 1:
+            raise ValueError(f"a conv stem needs patch_size a power of 2 and log2(patch_size) - 1 stem_channels; "
+                             f"got patch_size={config.patch_size}, stem_channels={config.stem_channels}")
+        widths, layers = [config.num_channels, *config.stem_channels, config.hidden_size], []
+        for i in range(n):
+            layers.append(nn.Conv2d(widths[i], widths[i + 1], 3, stride=2, padding=1))
+            if i < n - 1: layers += [nn.GroupNorm(1, widths[i + 1]), nn.GELU()]
+        super().__init__(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor: return self[0].weight          # ViTModel reads the projection's dtype from it
+
+class ConvStemViTModel(ViTModel):
+    "`ViTModel` with a `ConvStem` patch embedding; same outputs: [CLS] + (r/p)^2 patch tokens."
+    config_class = ConvStemViTConfig
+    def __init__(self, config: ConvStemViTConfig, add_pooling_layer: bool = True):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+        self.embeddings.patch_embeddings.projection = ConvStem(config)
+
+class ConvViTAdapter(ViTAdapter):
+    "ViT with a convolutional stem (`laps/conv-vit-64`, the CPU preset's): the ViT layout, [CLS] + (r/p)^2 patches."
+    name, config_class, model_class, default_backbone = 'conv-vit', ConvStemViTConfig, ConvStemViTModel, 'laps/conv-vit-64'
+
+AutoConfig.register(ConvStemViTConfig.model_type, ConvStemViTConfig, exist_ok=True)
+AutoModel.register(ConvStemViTConfig, ConvStemViTModel, exist_ok=True)
+BACKBONES.register(ConvViTAdapter.name, ConvViTAdapter(), replace=True)
+
+
 # %% ../nbs/10_encoders.ipynb #8f17a313
 BUILTIN_CONFIGS = {
     # The paper's backbones (architecture only; weights come from the hub or a checkpoint).
@@ -144,6 +185,10 @@ BUILTIN_CONFIGS = {
     'laps/vit-tiny-64': lambda: ViTConfig(
         hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=768,
         image_size=64, patch_size=8, qkv_bias=True),
+    # The CPU preset's: a 3-layer, 128-wide ViT with a convolutional stem (3 -> 32 -> 64 -> 128), 64 px, N = 64.
+    'laps/conv-vit-64': lambda: ConvStemViTConfig(
+        hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=512,
+        image_size=64, patch_size=8, qkv_bias=True, stem_channels=(32, 64)),
 }
 
 def minilm_path() -> Path:

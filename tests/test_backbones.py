@@ -27,9 +27,9 @@ def tiny_text(family, layers=3):
 
 
 def test_registry_holds_the_five_families():
-    assert BACKBONES.names() == ('vit', 'swin', 'bert', 'deit', 'roberta')
-    assert vision_families() == ('vit', 'swin', 'deit')
-    assert [BACKBONES.get(n).modality for n in BACKBONES.names()] == ['vision', 'vision', 'text', 'vision', 'text']
+    assert BACKBONES.names() == ('vit', 'swin', 'bert', 'deit', 'roberta', 'conv-vit')
+    assert vision_families() == ('vit', 'swin', 'deit', 'conv-vit')
+    assert [BACKBONES.get(n).modality for n in BACKBONES.names()] == ['vision', 'vision', 'text', 'vision', 'text', 'vision']
     assert default_vision_backbone('vit') == 'google/vit-base-patch16-224-in21k'
     assert default_vision_backbone('swin') == 'microsoft/swin-base-patch4-window7-224'
     assert BACKBONES.get('bert').default_backbone == 'bert-base-uncased'
@@ -157,7 +157,7 @@ def test_optimizer_groups_by_module_membership(freeze):
 
 
 def test_config_and_errors_name_the_registered_families():
-    with pytest.raises(ValueError, match="vit_type must be one of 'vit', 'swin', 'deit'; got 'bert'"):
+    with pytest.raises(ValueError, match="vit_type must be one of 'vit', 'swin', 'deit', 'conv-vit'; got 'bert'"):
         LapsConfig(vit_type='bert')
     with pytest.raises(ValueError, match="vit_type='deit' has no default vision backbone"): LapsConfig(vit_type='deit')
     with pytest.raises(ValueError, match='unsupported backbone architecture GPT2Config; registered backbone families: '

@@ -513,7 +513,7 @@ def test_config_from_opt_backbones(tmp_path):
     assert any("'bert-large-uncased'" in n for n in notes) and any('lr' in n for n in notes)
     BERT.save_pretrained(tmp_path / 'mybert')                                # an existing local folder is kept
     assert config_from_opt({'bert_path': str(tmp_path / 'mybert')}).bert_path == str(tmp_path / 'mybert')
-    with pytest.raises(ValueError, match="vit_type must be one of 'vit', 'swin', 'deit'; got 'resnet'"):
+    with pytest.raises(ValueError, match="vit_type must be one of 'vit', 'swin', 'deit', 'conv-vit'; got 'resnet'"):
         config_from_opt({'vit_type': 'resnet'})
 
 
