@@ -31,6 +31,7 @@ class LapsConfig:
     size_augment: int = 1  # word-level caption augmentation during training (spec section 7)
     max_word: int = 90  # captions are truncated to this many tokens, [CLS] and [SEP] included
     workers: int = 8  # data-loader worker processes
+    pair_batches: int = 0  # 1: each training batch holds minimal-pair partners together: for every caption of an image, a caption of its partner (`train_minimal_pairs.json`) is in the same batch, so the hinge loss sees binding and relation contrasts
     # --- model
     vit_type: str = 'vit'  # vision backbone family, a vision entry of `laps.registry.BACKBONES`: vit | swin | deit
     embed_size: int = 512  # joint embedding size C
@@ -93,7 +94,7 @@ class LapsConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
-        for name in ('use_cls_as_glob_embd', 'use_token_selection', 'use_learnable_temp', 'size_augment',
+        for name in ('use_cls_as_glob_embd', 'use_token_selection', 'use_learnable_temp', 'size_augment', 'pair_batches',
                      'token_selection_trainable', 'multi_gpu', 'eval', 'save_results'):
             if getattr(self, name) not in (0, 1, True, False):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")

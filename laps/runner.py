@@ -69,7 +69,10 @@ def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 def _train_loader(cfg: LapsConfig, tokenizer, info: DistInfo):
-    "The training loader and, under torchrun, its DistributedSampler (each rank its share of every epoch)."
+    "The training loader and its epoch-seeded sampler: minimal-pair batches (`pair_batches`) or, under torchrun, a DistributedSampler (each rank its share of every epoch)."
+    if cfg.pair_batches:                                               # partners together; each rank its share of the batches
+        loader = build_train_loader(cfg, tokenizer, 'train', rank=info.rank, world_size=info.world_size)
+        return loader, loader.batch_sampler
     loader = build_train_loader(cfg, tokenizer, 'train')               # reads and checks the data up front
     if not info.distributed: return loader, None
     from torch.utils.data.distributed import DistributedSampler

@@ -59,7 +59,7 @@ def test_two_rank_eval_equals_one_process(tmp_path):
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
-    generate_synthetic(root / 'synthetic', seed=0, n_train=32, n_dev=10, n_test=10)
+    generate_synthetic(root / 'synthetic', seed=0, n_train=32, n_dev=10, n_test=10, dev_probe_pairs=1, test_probe_pairs=1)
     return root
 
 

@@ -159,7 +159,7 @@ def test_git_commit_dirty_flag_and_command_record(tmp_path, monkeypatch):
 def test_trace_steps_are_the_runners_steps(tmp_path):
     "n traced steps = the first n steps of `laps.runner.train` with the same configuration (same losses), across an epoch."
     from laps.synthetic import generate_synthetic
-    generate_synthetic(tmp_path / 'synthetic', seed=0, n_train=8, n_dev=4, n_test=4)
+    generate_synthetic(tmp_path / 'synthetic', seed=0, n_train=8, n_dev=4, n_test=4, dev_probe_pairs=1, test_probe_pairs=1)
     vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
     bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522)
     cfg = get_config('cpu', data_path=str(tmp_path), img_res=32, num_patches=16, embed_size=32, text_layers=0, batch_size=8,

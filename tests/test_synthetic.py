@@ -1,16 +1,18 @@
-"""The synthetic fine-grained benchmark: determinism, layout, the minimal-pair property, captions, metric, CLI."""
-import hashlib, json
+"""The synthetic fine-grained benchmark v2: determinism, layout, graded minimal pairs, aligned captions, leakage, version refusal, pair batches."""
+import difflib, hashlib, json, re
 from collections import Counter
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from laps.config import get_config
-from laps.data import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders
-from laps.minimal_pairs import minimal_pair_accuracy, load_minimal_pairs
-from laps.synthetic import generate_synthetic, plan_splits, scene_key, synthetic_cli, SYNONYMS, SHAPES, COLOURS, PAIR_KINDS
+from laps.data import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders, caption_words, flip_token_map
+from laps.datasets import get_dataset
+from laps.synthetic import (generate_synthetic, plan_splits, synthetic_cli, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
+                            SIZES, PAIR_KINDS, SPLITS, TEMPLATES, GENERATOR_VERSION)
 
-SMALL = dict(n_train=40, n_dev=10, n_test=10)
+SMALL = dict(n_train=28, n_dev=14, n_test=14, dev_probe_pairs=2, test_probe_pairs=3)   # 28 + 14 + 14 + 28 + 42 images
+N_IMAGES = 126
 
 
 def tree_hash(folder: Path) -> dict:
@@ -25,143 +27,275 @@ def small(tmp_path_factory):
     return root
 
 
+def scenes_of(root, split) -> dict:
+    return {r['id']: r for r in json.loads((Path(root) / 'synthetic' / f'{split}_scenes.json').read_text())}
+
+
+def pairs_of(root, split) -> list:
+    return json.loads((Path(root) / 'synthetic' / f'{split}_minimal_pairs.json').read_text())
+
+
+# --- what the tests know about scenes, from the written files only (not the generator's internals)
+attrs = lambda o: (o['shape'], o['colour'], o['size'])
+key = lambda r: (r['layout'],) + tuple(attrs(o) for o in r['objects'])
+
+
+def canon(r) -> tuple:
+    "A scene's identity up to horizontal mirror: a row read in either direction, a column as is."
+    k = key(r)
+    return min(k, (k[0],) + k[1:][::-1]) if r['layout'] == 'horizontal' else k
+
+
 def differs_by(a: dict, b: dict, kind: str) -> bool:
-    "Does scene b differ from scene a exactly by one minimal change of `kind`?"
+    "Does scene b differ from scene a by exactly one change of `kind`?"
     oa, ob = a['objects'], b['objects']
-    if a['layout'] != b['layout'] or len(oa) != len(ob): return False
-    attrs = lambda o: (o['shape'], o['colour'], o['size'])
+    if a['layout'] != b['layout'] or canon(a) == canon(b): return False
+    colours_a = {o['colour'] for o in oa}
+    if kind == 'count_change':
+        small_, big_ = (oa, ob) if len(oa) < len(ob) else (ob, oa)
+        return (len(small_), len(big_)) == (2, 3) and any(
+            [attrs(o) for o in big_[:k] + big_[k + 1:]] == [attrs(o) for o in small_] for k in range(3))
+    if len(oa) != len(ob): return False
     diff = [k for k in range(len(oa)) if attrs(oa[k]) != attrs(ob[k])]
-    if kind == 'colour_swap':
-        if len(diff) != 2: return False
-        i, j = diff
-        return all(oa[k]['shape'] == ob[k]['shape'] and oa[k]['size'] == ob[k]['size'] for k in diff) and \
-            (oa[i]['colour'], oa[j]['colour']) == (ob[j]['colour'], ob[i]['colour'])
+    if kind in ('colour_change', 'shape_change', 'size_change'):
+        f = kind.split('_')[0]
+        if len(diff) != 1: return False
+        d = diff[0]
+        same_rest = all(oa[d][g] == ob[d][g] for g in ('colour', 'shape', 'size') if g != f)
+        new_value = f == 'size' or ob[d][f] not in {o[f] for o in oa} or oa[d][f] not in {o[f] for o in ob}   # a or b first
+        return same_rest and new_value
+    if len(diff) != 2: return False
+    i, j = diff
     if kind == 'relation_swap':
-        return len(diff) == 2 and diff[1] == diff[0] + 1 and attrs(oa[diff[0]]) == attrs(ob[diff[1]]) and \
-            attrs(oa[diff[1]]) == attrs(ob[diff[0]])
-    if kind == 'shape_change':
-        return len(diff) == 1 and oa[diff[0]]['shape'] != ob[diff[0]]['shape'] and \
-            (oa[diff[0]]['colour'], oa[diff[0]]['size']) == (ob[diff[0]]['colour'], ob[diff[0]]['size'])
+        return j == i + 1 and attrs(oa[i]) == attrs(ob[j]) and attrs(oa[j]) == attrs(ob[i])
+    if kind in ('colour_binding', 'size_binding'):
+        f = kind.split('_')[0]
+        others = [g for g in ('colour', 'shape', 'size') if g != f]
+        need_differ = 'shape' if f == 'colour' else 'size'
+        return (all(oa[k][g] == ob[k][g] for k in diff for g in others) and oa[i][need_differ] != oa[j][need_differ]
+                and (oa[i][f], oa[j][f]) == (ob[j][f], ob[i][f]) and {o['colour'] for o in ob} == colours_a)
     raise ValueError(kind)
+
+
+def words(caption: str) -> list[str]:
+    "Words as the uncased BERT tokenizer splits them."
+    return re.findall(r'\w+|[^\w\s]', caption.lower())
 
 
 def test_same_seed_same_files_other_seed_differs(tmp_path, small):
     generate_synthetic(tmp_path / 'again', seed=0, **SMALL)
     generate_synthetic(tmp_path / 'other', seed=1, **SMALL)
     h0, h1, h2 = tree_hash(small / 'synthetic'), tree_hash(tmp_path / 'again'), tree_hash(tmp_path / 'other')
-    assert h0 == h1 and len(h0) == 60 + 13                                # 60 PNGs + 13 text/json files
-    assert h0.keys() == h2.keys() and sum(h0[k] != h2[k] for k in h0) > 60
+    assert h0 == h1 and len(h0) == N_IMAGES + 4 * len(SPLITS) + 2           # PNGs, 4 files per split, id_mapping, meta
+    assert h0.keys() == h2.keys() and sum(h0[k] != h2[k] for k in h0) > N_IMAGES
 
 
-def test_reads_back_through_the_reader(small):
-    sizes = {}
-    for split in ('train', 'dev', 'test'):
+def test_reads_back_through_the_reader_ids_unique(small):
+    sizes, ids = {}, []
+    for split in SPLITS:
         s = read_split(small, 'synthetic', split)
         paths = check_images(s, small / 'synthetic' / 'images')
         sizes[split] = (s.n_images, s.n_captions)
+        ids += s.image_ids
         assert all(p.suffix == '.png' for p in paths)
         assert all(len(set(s.captions[5 * k:5 * k + 5])) == 5 for k in range(s.n_images))   # 5 different captions
-    assert sizes == dict(train=(40, 200), dev=(10, 50), test=(10, 50))
-    assert read_split(small, 'synthetic', 'test').image_ids == list(range(50, 60))
+    assert sizes == dict(train=(28, 140), dev=(14, 70), test=(14, 70), dev_probes=(28, 140), test_probes=(42, 210))
+    assert sorted(ids) == list(range(N_IMAGES))                             # unique over the whole folder
+    assert set(json.loads((small / 'synthetic' / 'id_mapping.json').read_text())) == {str(i) for i in ids}
+    assert read_split(small, 'synthetic', 'test').image_ids == list(range(42, 56))
+    meta = json.loads((small / 'synthetic' / 'meta.json').read_text())
+    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.synthetic', 2, list(PAIR_KINDS))
 
 
-@pytest.mark.parametrize('split', ['dev', 'test'])
-def test_every_image_has_a_minimal_partner(small, split):
-    scenes = {r['id']: r for r in json.loads((small / 'synthetic' / f'{split}_scenes.json').read_text())}
-    pairs = load_minimal_pairs(small, 'synthetic', split)
-    assert {p['image_a'] for p in pairs} | {p['image_b'] for p in pairs} == set(scenes)
+def test_kind_table():
+    assert list(PAIR_KINDS) == ['colour_change', 'shape_change', 'size_change', 'count_change',
+                                'colour_binding', 'size_binding', 'relation_swap']
+    assert [k for k, v in PAIR_KINDS.items() if not v.bow_solvable] == ['colour_binding', 'size_binding', 'relation_swap']
+    assert all(v.name == k and v.doc and callable(v.perturb) for k, v in PAIR_KINDS.items())
+    assert get_dataset('synthetic').probe_splits == {'dev': 'dev_probes', 'test': 'test_probes'}
+    assert get_dataset('synthetic').folder_format == {'generator': 'laps.synthetic', 'version': GENERATOR_VERSION}
+
+
+@pytest.mark.parametrize('split', SPLITS)
+def test_every_image_has_a_valid_partner(small, split):
+    scenes, pairs = scenes_of(small, split), pairs_of(small, split)
+    assert sorted(i for p in pairs for i in (p['image_a'], p['image_b'])) == sorted(scenes)   # each image in one pair
     for p in pairs:
         a, b = scenes[p['image_a']], scenes[p['image_b']]
         assert differs_by(a, b, p['kind']), p
-        assert not any(differs_by(a, a, k) for k in PAIR_KINDS)             # the checker is not vacuous
-        if p['kind'] == 'shape_change': assert not differs_by(a, b, 'colour_swap') and not differs_by(a, b, 'relation_swap')
+        assert [k for k in PAIR_KINDS if differs_by(a, b, k)] == [p['kind']]                 # exactly that kind
+        assert not differs_by(a, dict(a, objects=a['objects'][::-1]) if a['layout'] == 'horizontal' else a, p['kind'])
+        assert a['templates'] == b['templates'] and len(set(a['templates'])) == 5
+    assert Counter(p['kind'] for p in pairs)[list(PAIR_KINDS)[0]] >= 1
 
 
-def test_minimal_pair_property_at_full_size():
-    plan = plan_splits(seed=0)                                              # the default sizes, no rendering
-    train_keys = {scene_key(s) for s in plan['train'][0]}
-    kinds = {'dev': Counter({'colour_swap': 84, 'relation_swap': 83, 'shape_change': 83}),
-             'test': Counter({'colour_swap': 167, 'relation_swap': 167, 'shape_change': 166})}
-    for split, n in (('dev', 500), ('test', 1000)):                        # test: Flickr30K's size
-        scenes, pairs = plan[split]
-        assert len(scenes) == n and len(pairs) == n // 2
-        assert sorted(i for a, b, _ in pairs for i in (a, b)) == list(range(n))
-        assert all(differs_by(scenes[a], scenes[b], k) for a, b, k in pairs)
-        assert Counter(k for _, _, k in pairs) == kinds[split]
-        keys = [scene_key(s) for s in scenes]
-        assert len(set(keys)) == n and not set(keys) & train_keys          # distinct, and unseen in training
-    n_obj = Counter(len(s['objects']) for s in plan['train'][0])
-    assert len(plan['train'][0]) == 3500 and 0.4 < n_obj[2] / 3500 < 0.6
+def test_probe_sizes(small):
+    assert Counter(p['kind'] for p in pairs_of(small, 'dev_probes')) == Counter({k: 2 for k in PAIR_KINDS})
+    assert Counter(p['kind'] for p in pairs_of(small, 'test_probes')) == Counter({k: 3 for k in PAIR_KINDS})
+    assert [p['kind'] for p in pairs_of(small, 'test')] == list(PAIR_KINDS)   # retrieval splits: kinds in turn
+
+
+CHANGE_WORDS = dict(colour_change=set(COLOURS), size_change={w for s in SIZES for w in SYNONYMS[s]},
+                    shape_change={x for s in SHAPES for w in SYNONYMS[s] for x in w.split()})
+
+
+CONNECTORS = {',', 'which', 'is', 'to', 'the', 'of', 'left', 'right', 'above', 'below', 'then'}
+
+
+def phrase_of(o: dict) -> str:
+    size, shape = SYNONYMS[o['size']], SYNONYMS[o['shape']]
+    return f"a {size[o['syn'][0] % len(size)]} {o['colour']} {shape[o['syn'][1] % len(shape)]}"
+
+
+@pytest.mark.parametrize('split', SPLITS)
+def test_aligned_captions_differ_only_in_the_change(small, split):
+    s, scenes = read_split(small, 'synthetic', split), scenes_of(small, split)
+    at = {i: k for k, i in enumerate(s.image_ids)}
+    n_checked = 0
+    for p in pairs_of(small, split):
+        kind = p['kind']
+        for k in range(5):
+            ca, cb = (words(s.captions[5 * at[p[x]] + k]) for x in ('image_a', 'image_b'))
+            assert (Counter(ca) == Counter(cb)) == (not PAIR_KINDS[kind].bow_solvable), (kind, ca, cb)
+            ops = [op for op in difflib.SequenceMatcher(a=ca, b=cb, autojunk=False).get_opcodes() if op[0] != 'equal']
+            changed = {w for _, i1, i2, j1, j2 in ops for w in ca[i1:i2] + cb[j1:j2]}
+            if kind in CHANGE_WORDS:                                             # one attribute word (or 'plus sign')
+                assert changed and changed <= CHANGE_WORDS[kind], (kind, ca, cb)
+            elif kind == 'count_change':                                         # one object phrase and its connectors
+                (short, _), (long, big) = sorted(((ca, p['image_a']), (cb, p['image_b'])), key=lambda t: len(t[0]))
+                others = {o['colour'] for o in scenes[p['image_a'] if big == p['image_b'] else p['image_b']]['objects']}
+                gone = [o for o in scenes[big]['objects'] if o['colour'] not in others]
+                assert len(gone) == 1
+                extra = Counter(long) - Counter(short)
+                assert not Counter(short) - Counter(long), (ca, cb)              # nothing else changed
+                phrase = Counter(words(phrase_of(gone[0])))
+                assert not phrase - extra and set(extra - phrase) <= CONNECTORS, (ca, cb, extra)
+            n_checked += 1
+    assert n_checked == s.n_captions // 2
 
 
 def test_captions_determine_the_scene(small):
-    """Every caption names every object's size, colour and shape; colour and relation swaps share their bag of words."""
+    """Every caption names every object's size, colour and shape and the layout's direction words."""
     s = read_split(small, 'synthetic', 'test')
-    scenes = {r['id']: r for r in json.loads((small / 'synthetic' / 'test_scenes.json').read_text())}
+    scenes = scenes_of(small, 'test')
     for j, cap in enumerate(s.captions):
         sc = scenes[s.caption_img_ids[j]]
         low = cap.lower()
         for o in sc['objects']:
             assert any(f"{sz} {o['colour']} {sh}" in low for sz in SYNONYMS[o['size']] for sh in SYNONYMS[o['shape']]), (cap, o)
-        horizontal = ('left' in low) or ('right' in low)
-        vertical = any(w in low for w in ('top', 'bottom', 'above', 'below', 'under'))
+        horizontal = bool({'left', 'right'} & set(words(low)))
+        vertical = bool({'top', 'bottom', 'above', 'below'} & set(words(low)))
         assert horizontal != vertical and horizontal == (sc['layout'] == 'horizontal')
-    attr_words = lambda r: Counter(w for o in r['objects'] for w in (o['colour'], o['shape'], o['size']))
-    for p in load_minimal_pairs(small, 'synthetic', 'test'):
-        same = attr_words(scenes[p['image_a']]) == attr_words(scenes[p['image_b']])
-        assert same == (p['kind'] != 'shape_change')
+
+
+def test_horizontal_flip_keeps_every_template_true():
+    """Swapping left/right tokens (the training flip) in any horizontal caption gives a caption of the mirrored row."""
+    tok = load_tokenizer('minilm')
+    fm = flip_token_map(tok, get_dataset('synthetic').augmentation.flip_words)
+    objs = [dict(shape='cross', colour='green', size='small', syn=[1, 1]), dict(shape='circle', colour='white', size='big', syn=[0, 1]),
+            dict(shape='diamond', colour='red', size='big', syn=[1, 0])]
+    ids = lambda caps: [[t for w in ws for t in w] for ws in caption_words(tok, caps)]
+    for n in (2, 3):
+        row = dict(layout='horizontal', objects=objs[:n])
+        every = range(len(TEMPLATES['horizontal']))
+        flipped = [[fm.get(t, t) for t in c] for c in ids(scene_captions(row, every))]
+        mirrored = ids(scene_captions(mirror(row), every))
+        assert all(f in mirrored for f in flipped)
+        assert sorted(map(tuple, flipped)) == sorted(map(tuple, mirrored))   # the twins map onto each other one to one
+
+
+def test_no_leakage_in_the_written_files(small):
+    keys = {sp: [canon(r) for r in scenes_of(small, sp).values()] for sp in SPLITS}
+    held = [k for sp in SPLITS if sp != 'train' for k in keys[sp]]
+    assert len(set(held)) == len(held)                                      # dev, test, probes: disjoint, each unique
+    assert not set(held) & set(keys['train'])                               # no held-out scene (nor its mirror) in train
+    for sp in SPLITS[1:]:                                                   # partners are held out too
+        sc = scenes_of(small, sp)
+        assert not {canon(sc[p[x]]) for p in pairs_of(small, sp) for x in ('image_a', 'image_b')} & set(keys['train'])
+    mirrored = [dict(r, objects=r['objects'][::-1]) for r in scenes_of(small, 'test').values() if r['layout'] == 'horizontal']
+    assert mirrored and all(canon(m) in set(held) for m in mirrored)       # the checker sees mirrors
+
+
+def test_minimal_pair_properties_at_full_size():
+    plan = plan_splits(seed=0)                                              # the default sizes, no rendering
+    train_keys = {canon(s) for s in plan['train'][0]}
+    sizes = dict(train=3500, dev=500, test=1000, dev_probes=2800, test_probes=7000)
+    held = []
+    for split, n in sizes.items():
+        scenes, pairs = plan[split]
+        assert len(scenes) == n and len(pairs) == n // 2
+        assert sorted(i for a, b, _ in pairs for i in (a, b)) == list(range(n))
+        assert all(differs_by(scenes[a], scenes[b], k) for a, b, k in pairs)
+        if split != 'train': held += [canon(s) for s in scenes]
+        share2 = sum(len(s['objects']) == 2 for s in scenes) / n
+        assert 0.22 < share2 < 0.34, (split, share2)                         # the same mix of 2 and 3 objects everywhere
+    assert Counter(k for _, _, k in plan['test_probes'][1]) == Counter({k: 500 for k in PAIR_KINDS})
+    assert Counter(k for _, _, k in plan['test'][1]) == Counter({k: 72 if i < 3 else 71 for i, k in enumerate(PAIR_KINDS)})
+    assert len(set(held)) == len(held) and not set(held) & train_keys and len(train_keys) == 3500
 
 
 def test_rendered_objects_where_the_metadata_says(small):
     from PIL import Image
-    recs = json.loads((small / 'synthetic' / 'test_scenes.json').read_text())
-    for r in recs:
+    for r in scenes_of(small, 'test_probes').values():
         a = np.asarray(Image.open(small / 'synthetic' / 'images' / r['file'])).astype(int)
         assert a.shape == (64, 64, 3)
         for o in r['objects']:
-            if o['shape'] == 'cross' or o['shape'] == 'triangle': continue   # centre pixel may be thin/edge
+            if o['shape'] in ('cross', 'triangle'): continue                  # centre pixel may be thin/edge
             px = a[int(round(o['y'])), int(round(o['x']))]
             assert np.abs(px - np.array(COLOURS[o['colour']])).max() < 40, (r['id'], o, px)
-        key = [o['x'] if r['layout'] == 'horizontal' else o['y'] for o in r['objects']]
-        assert key == sorted(key)                                          # reading order = left->right / top->bottom
-
-
-def test_minimal_pair_accuracy_hand_made(small):
-    s = read_split(small, 'synthetic', 'test')
-    pairs = load_minimal_pairs(small, 'synthetic', 'test')
-    own = torch.tensor([[1.0 if j // 5 == i else 0.0 for j in range(50)] for i in range(10)])
-    assert minimal_pair_accuracy(own, s, pairs)['t2i'] == 100.0 and minimal_pair_accuracy(own, s, pairs)['i2t'] == 100.0
-    r = minimal_pair_accuracy(-own, s, pairs)
-    assert (r['t2i'], r['i2t'], r['n_pairs']) == (0.0, 0.0, 5)
-    r = minimal_pair_accuracy(np.ones((10, 50)), s, pairs)
-    assert (r['t2i'], r['i2t']) == (50.0, 50.0) and set(r) >= {f't2i_{k}' for k in PAIR_KINDS}
-    # pair 0 wrong for exactly 2 of the 10 captions, image a still right on average: t2i 80 on it, i2t 100
-    sims = own.clone().numpy()
-    a, b = s.image_ids.index(pairs[0]['image_a']), s.image_ids.index(pairs[0]['image_b'])
-    sims[b, 5 * a], sims[b, 5 * a + 1] = 2.0, 2.0
-    r = minimal_pair_accuracy(sims, s, pairs)
-    assert r['t2i'] == pytest.approx(100 - 20 / 5) and r['i2t'] == 100.0
-    with pytest.raises(ValueError, match=r'expected \(n_images, n_captions\) = \(10, 50\)'):
-        minimal_pair_accuracy(own[:, :45], s, pairs)
-    with pytest.raises(ValueError, match='image id 999 is not in synthetic/test'):
-        minimal_pair_accuracy(own, s, [dict(image_a=999, image_b=pairs[0]['image_b'], kind='colour_swap')])
+        along = [o['x'] if r['layout'] == 'horizontal' else o['y'] for o in r['objects']]
+        assert along == sorted(along)                                      # reading order = left->right / top->bottom
 
 
 def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
     out = tmp_path / 'synthetic'
-    assert synthetic_cli(['--out', str(out), '--n_train', '6', '--n_dev', '2', '--n_test', '4']) == 0
-    assert 'train 6 images / 30 captions' in capsys.readouterr().out
+    args = ['--out', str(out), '--n_train', '6', '--n_dev', '2', '--n_test', '4', '--dev_probe_pairs', '1', '--test_probe_pairs', '1']
+    assert synthetic_cli(args) == 0
+    assert 'train 6 images / 30 captions / 3 minimal pairs' in capsys.readouterr().out
     before = tree_hash(out)
-    assert synthetic_cli(['--out', str(out), '--n_train', '6', '--n_dev', '2', '--n_test', '4']) == 0
+    assert synthetic_cli(args) == 0
     assert 'nothing to do' in capsys.readouterr().out and tree_hash(out) == before
-    assert synthetic_cli(['--out', str(out), '--n_train', '6', '--n_dev', '2', '--n_test', '4', '--seed', '3']) == 0
+    assert synthetic_cli(args + ['--seed', '3']) == 0
     assert tree_hash(out) != before and json.loads((out / 'meta.json').read_text())['seed'] == 3
     assert synthetic_cli(['--out', str(out), '--n_test', '5']) == 2
-    assert 'even number of images' in capsys.readouterr().err
+    assert 'n_test must be an even number' in capsys.readouterr().err
+    assert synthetic_cli(['--out', str(out), '--n_train', '5']) == 2
+    assert synthetic_cli(['--out', str(out), '--test_probe_pairs', '0']) == 2
+    assert 'test_probe_pairs must be a positive number' in capsys.readouterr().err
     (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'notes.txt').write_text('keep')
-    assert synthetic_cli(['--out', str(tmp_path / 'mine'), '--n_train', '2', '--n_dev', '2', '--n_test', '2']) == 2
+    assert synthetic_cli(['--out', str(tmp_path / 'mine')] + args[2:]) == 2
     assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['mine', 'synthetic']   # no temporary folders left
+
+
+def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
+    out = tmp_path / 'synthetic'
+    args = ['--out', str(out), '--n_train', '4', '--n_dev', '2', '--n_test', '2', '--dev_probe_pairs', '1', '--test_probe_pairs', '1']
+    assert synthetic_cli(args) == 0; capsys.readouterr()
+    meta = json.loads((out / 'meta.json').read_text())
+    (out / 'meta.json').write_text(json.dumps(dict(meta, version=1)))
+    advice = (f"{out} was made by laps.synthetic version 1; this laps reads version 2: "
+              f"regenerate it with `laps data synthetic --out {out} --force`")
+    with pytest.raises(ValueError) as e: read_split(tmp_path, 'synthetic', 'train')
+    assert str(e.value) == advice
+    before = tree_hash(out)
+    assert synthetic_cli(args) == 2
+    assert capsys.readouterr().err.strip() == f"laps data synthetic: error: {advice}"
+    assert tree_hash(out) == before                                         # refused: nothing touched
+    assert synthetic_cli(args + ['--force']) == 0
+    assert json.loads((out / 'meta.json').read_text())['version'] == 2 and read_split(tmp_path, 'synthetic', 'train').n_images == 4
+
+
+def test_train_with_a_version_1_folder_fails_in_one_line(tmp_path):
+    import subprocess, sys
+    out = tmp_path / 'synthetic'
+    generate_synthetic(out, n_train=4, n_dev=2, n_test=2, dev_probe_pairs=1, test_probe_pairs=1)
+    (out / 'meta.json').write_text(json.dumps(dict(json.loads((out / 'meta.json').read_text()), version=1)))
+    r = subprocess.run([sys.executable, '-m', 'laps', 'train', '--preset', 'cpu', '--data_path', str(tmp_path),
+                        '--logger_name', str(tmp_path / 'run'), '--num_epochs', '1'], capture_output=True, text=True, timeout=300)
+    lines = [l for l in r.stderr.strip().split('\n') if l]
+    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.synthetic version 1; this laps reads "
+                                               f"version 2: regenerate it with `laps data synthetic --out {out} --force`"), r.stderr
 
 
 def test_loaders_on_synthetic_with_cpu_preset(small):
@@ -170,15 +304,62 @@ def test_loaders_on_synthetic_with_cpu_preset(small):
     b = next(iter(build_train_loader(cfg, tok)))
     assert b['images'].shape == (8, 3, 64, 64) and b['input_ids'].shape[0] == 8
     split, il, cl = build_eval_loaders(cfg, 'test', tok)
-    assert [x['images'].shape[0] for x in il] == [8, 2] and sum(x['input_ids'].shape[0] for x in cl) == 50
+    assert [x['images'].shape[0] for x in il] == [8, 6] and sum(x['input_ids'].shape[0] for x in cl) == 70
+    split, il, cl = build_eval_loaders(cfg, 'test_probes', tok)
+    assert split.n_images == 42
+
+
+def test_pair_batches_put_partners_together(small):
+    tok = load_tokenizer('minilm')
+    cfg = get_config('cpu', data_path=str(small), batch_size=8, pair_batches=1, workers=0)
+    partner = {}
+    for p in pairs_of(small, 'train'): partner[p['image_a']], partner[p['image_b']] = p['image_b'], p['image_a']
+    loader = build_train_loader(cfg, tok)
+    assert len(loader) == 140 // 8                                          # 70 units of 2 captions, 4 per batch
+    sampler = loader.batch_sampler
+    epoch0 = [b for b in sampler]
+    assert len(epoch0) == len(loader) and all(len(b) == 8 for b in epoch0)
+    first = read_split(small, 'synthetic', 'train')
+    for b in epoch0:                                                        # caption k of a paired image: caption k of its partner
+        for j in b:
+            img, k = first.caption_img_ids[j], j % 5
+            assert first.image_ids.index(partner[img]) * 5 + k in b
+    assert [b for b in build_train_loader(cfg, tok).batch_sampler] == epoch0   # deterministic
+    sampler.set_epoch(1); assert list(sampler) != epoch0
+    batch = next(iter(loader))
+    ids = batch['img_ids'].tolist()
+    assert all(partner[i] in ids for i in ids)
+    shares = [list(build_train_loader(cfg, tok, rank=r, world_size=2).batch_sampler) for r in (0, 1)]
+    assert [len(s) for s in shares] == [8, 8] and not {i for b in shares[0] for i in b} & {i for b in shares[1] for i in b}
+    with pytest.raises(ValueError, match='needs an even --batch_size'):
+        build_train_loader(cfg.replace(batch_size=7), tok)
+
+
+def test_pair_batches_without_the_pairs_file(small, tmp_path):
+    import shutil
+    shutil.copytree(small / 'synthetic', tmp_path / 'synthetic')
+    (tmp_path / 'synthetic' / 'train_minimal_pairs.json').unlink()
+    cfg = get_config('cpu', data_path=str(tmp_path), batch_size=8, pair_batches=1)
+    with pytest.raises(FileNotFoundError, match=r'train_minimal_pairs.json not found: --pair_batches 1 needs the minimal pairs'):
+        build_train_loader(cfg, load_tokenizer('minilm'))
+    assert len(build_train_loader(cfg.replace(pair_batches=0), load_tokenizer('minilm'))) == 17   # the plain shuffle needs no pairs
+
+
+def test_runner_uses_the_pair_sampler(small, tmp_path):
+    from laps.runner import prepare_training
+    cfg = get_config('cpu', data_path=str(small), batch_size=8, pair_batches=1, workers=0, eval=0,
+                     logger_name=str(tmp_path / 'run'))
+    tr = prepare_training(cfg)
+    assert tr.sampler is tr.loader.batch_sampler and tr.steps_per_epoch == 17
+    tr.begin_epoch(3)
+    assert tr.sampler.epoch == 3
 
 
 @pytest.mark.slow
 def test_default_generation(tmp_path):
     s = generate_synthetic(tmp_path / 'synthetic')
-    assert (s['train'], s['dev'], s['test']) == (dict(images=3500, captions=17500, minimal_pairs=0),
-                                                 dict(images=500, captions=2500, minimal_pairs=250),
-                                                 dict(images=1000, captions=5000, minimal_pairs=500))
+    assert [s[k]['images'] for k in SPLITS] == [3500, 500, 1000, 2800, 7000]
+    assert s['test_probes']['minimal_pairs'] == 3500 and s['train']['minimal_pairs'] == 1750
     t = read_split(tmp_path, 'synthetic', 'test')
     check_images(t, tmp_path / 'synthetic' / 'images')
     assert len(set(t.captions)) > 4900

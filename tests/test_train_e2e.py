@@ -12,7 +12,7 @@ UNTRAINED_RSUM_MAX = 164.0        # the highest test rsum of an untrained cpu-pr
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
-    generate_synthetic(root / 'synthetic', seed=0, n_train=64, n_dev=20, n_test=20)
+    generate_synthetic(root / 'synthetic', seed=0, n_train=64, n_dev=20, n_test=20, dev_probe_pairs=2, test_probe_pairs=2)
     return root
 
 
