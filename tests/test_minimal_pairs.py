@@ -94,15 +94,16 @@ class _ProbeSpec(DatasetSpec):
 
 @pytest.fixture(scope='module')
 def probe_data(tmp_path_factory):
-    "A synthetic folder as dataset `probetoy`, whose `test` split has the probe split `test_probes` (the same scenes)."
+    "A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes)."
     from laps.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('probe')
     generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16)
     shutil.copytree(root / 'synthetic', root / 'probetoy')
     d = root / 'probetoy'
-    for ext in ('caps.txt', 'ids.txt', 'minimal_pairs.json'): shutil.copy(d / f'test_{ext}', d / f'test_probes_{ext}')
-    (d / 'test_minimal_pairs.json').unlink()
-    register_dataset(_ProbeSpec('probetoy', probe_splits={'test': 'test_probes'}))
+    for split in ('dev', 'test'):
+        for ext in ('caps.txt', 'ids.txt', 'minimal_pairs.json'): shutil.copy(d / f'{split}_{ext}', d / f'{split}_probes_{ext}')
+        (d / f'{split}_minimal_pairs.json').unlink()
+    register_dataset(_ProbeSpec('probetoy', probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}))
     yield root
     DATASETS.unregister('probetoy')
 
@@ -157,3 +158,25 @@ def test_evaluation_json_keys(probe_data):
     for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum'):
         lo, hi = metrics[f'{k}_ci95']
         assert lo <= metrics[k] <= hi
+
+
+def test_validation_logs_the_probe_scores(probe_data, tmp_path):
+    "One epoch of a tiny model: each validation logs mp_* of the dev probes; metrics_dev.json holds the report."
+    from transformers import BertConfig, ViTConfig
+    from laps.config import get_config
+    from laps.runner import train
+    cfg = get_config(None, dataset='probetoy', data_path=str(probe_data), logger_name=str(tmp_path / 'run'), img_res=32,
+                     num_patches=16, embed_size=16, batch_size=8, num_epochs=1, workers=0, max_word=32, device='cpu',
+                     log_step=1, bert_path='minilm', vision_pretrained=False, text_pretrained=False, val_step=10**9)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=30522)
+    result = train(cfg, progress=False, vision_backbone=vit, text_backbone=bert)
+    run = Path(result['run_dir'])
+    val = [json.loads(l) for l in (run / 'train_log.jsonl').read_text().splitlines() if '"val_dev"' in l]
+    kinds = sorted({p['kind'] for p in load_minimal_pairs(probe_data, 'probetoy', 'dev_probes')})
+    assert len(val) == 1 and {'rsum', 'mp_mean', 'mp_pair', 'mp_i2t', 'mp_t2i'} <= set(val[0])
+    assert sorted(k[len('mp_mean_'):] for k in val[0] if k.startswith('mp_mean_')) == kinds
+    assert not any(k.startswith('minimal_pair') for k in val[0])       # the report's flat keys stay out of the log
+    saved = json.loads((run / 'metrics_dev.json').read_text())
+    assert saved['minimal_pairs']['split'] == 'dev_probes' and saved['minimal_pairs']['overall']['mean'] == val[0]['mp_mean']
+    assert saved['rsum'] == result['best_rsum']                         # selection stays on rsum
