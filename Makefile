@@ -60,7 +60,9 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
 
 # The embedded default: the synthetic fine-grained benchmark on the cpu preset. Each demo run gets
-# its own run directory, so re-running never overwrites an earlier one.
+# its own run directory, so re-running never overwrites an earlier one. `laps eval RUN --split test`
+# prints the recall table with rsum's bootstrap 95% CI and the per-kind minimal-pair table (i2t, t2i,
+# pair, mean with CIs, the bag-of-words reference beside them) and writes them to RUN/metrics_test.json.
 DEMO_DATA ?= data
 DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
 DEMO_RUN ?= runs/demo-$(DEMO_STAMP)

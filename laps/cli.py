@@ -167,19 +167,20 @@ def _record_run_metrics(info: dict, cfg, split: str, metrics: dict) -> None:
     refresh_model_card(ckpt)
 
 def _metrics_text(metrics: dict) -> str:
+    "The recall table (with rsum's interval) and, when there are minimal pairs, their per-kind table."
     from laps.metrics import format_metrics
+    from laps.minimal_pairs import format_minimal_pairs
     text = format_metrics(metrics)
-    if 'minimal_pair_i2t' in metrics:
-        text += (f"\nminimal pairs: i2t {metrics['minimal_pair_i2t']:.1f}  t2i {metrics['minimal_pair_t2i']:.1f}  "
-                 f"(chance 50)")
+    if 'minimal_pairs' in metrics: text += '\n\n' + format_minimal_pairs(metrics['minimal_pairs'])
     return text
 
 def _eval_ensemble(args) -> int:
-    from laps.metrics import evaluate_sims, ensemble_sims, ensemble_protocol, save_sims
+    from laps.metrics import evaluate_sims, ensemble_sims, ensemble_protocol, recall_ci95, save_sims
     if args.target: raise ValueError(f"laps eval: give a target ({args.target}) or --ensemble, not both")
     proto = ensemble_protocol(args.ensemble, args.dataset, args.split)
     sims = ensemble_sims(args.ensemble)
     metrics = evaluate_sims(sims, proto['dataset'])
+    metrics.update(recall_ci95(sims, proto['dataset']))
     if args.data_path:
         from laps.data import read_split
         from laps.datasets import get_dataset

@@ -4,6 +4,7 @@
 
 # %% ../nbs/75_evaluation.ipynb #f5f31c0b
 from __future__ import annotations
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -12,12 +13,13 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from .distributed import is_distributed, all_gather_cat
 from .data import load_tokenizer, build_eval_loaders
-from .minimal_pairs import load_minimal_pairs, minimal_pair_accuracy
-from .metrics import evaluate_sims
+from .minimal_pairs import load_minimal_pairs, minimal_pair_report, pair_blocks, pair_rows, probe_split
+from .metrics import evaluate_sims, recall_ci95
 
 # %% auto #0
 __all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
-           'shard_loader', 'score_split', 'minimal_pair_metrics', 'evaluate_split']
+           'shard_loader', 'score_split', 'pair_block_scores', 'minimal_pair_entries', 'minimal_pair_metrics',
+           'evaluate_minimal_pairs', 'evaluate_split']
 
 # %% ../nbs/75_evaluation.ipynb #518e780c
 def model_device(model: nn.Module) -> torch.device:
@@ -93,20 +95,66 @@ def score_split(model: nn.Module, image_loader, caption_loader, shard_size: int 
     rows = similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size, progress)  # (n_r, n_captions)
     return all_gather_cat(rows)
 
+# %% ../nbs/75_evaluation.ipynb #b1d2e302
+@torch.no_grad()
+def pair_block_scores(cross_net: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor,
+                      rows_a, rows_b,  # (P,) image rows of each pair's a and b (`laps.minimal_pairs.pair_rows`)
+                      captions_per_image: int,  # image row r owns caption rows r*k .. r*k + k - 1
+                      pairs_per_call: int = 8,  # pairs per cross-net call: 2g images x 2gk captions
+                      progress: bool = True) -> np.ndarray:
+    "(P, 2, 2, k) within-pair similarity blocks S[p, i, j, c], scored a few pairs per cross-net call on the net's device."
+    cross_net.eval(); device = model_device(cross_net)
+    k = captions_per_image
+    rows = torch.from_numpy(np.stack([np.asarray(rows_a), np.asarray(rows_b)], 1)).long()   # (P, 2)
+    out = torch.empty(len(rows), 2, 2, k)
+    for s in tqdm(range(0, len(rows), pairs_per_call), desc='minimal pairs', disable=not progress, leave=False):
+        r = rows[s:s + pairs_per_call]; g = len(r)
+        imgs = r.reshape(-1)                                                  # (2g,) a0, b0, a1, b1, ...
+        caps = (imgs[:, None] * k + torch.arange(k)).reshape(-1)              # (2gk,) their captions, in the same order
+        lens = cap_lens[caps]
+        blk = cross_net(img_embs[imgs].to(device), cap_embs[caps, :int(lens.max())].to(device),
+                        lens.to(device)).float().cpu()                        # (2g, 2gk)
+        ar = torch.arange(g)
+        out[s:s + g] = blk.view(g, 2, g, 2, k)[ar, :, ar]                     # (g, 2, 2, k): the p == p' entries
+    return out.double().numpy()
+
 # %% ../nbs/75_evaluation.ipynb #55294dbd
+def minimal_pair_entries(report: dict) -> dict:
+    "The metrics entries of a `minimal_pair_report`: `minimal_pairs` (the report) and the flat `minimal_pair_*` keys."
+    out = {'minimal_pairs': report, 'minimal_pair_n_pairs': report['overall']['n_pairs']}
+    for d in ('i2t', 't2i'):
+        out[f'minimal_pair_{d}'] = report['overall'][d]
+        out.update({f'minimal_pair_{d}_{k}': row[d] for k, row in report['kinds'].items()})
+    return out
+
 def minimal_pair_metrics(sims, split, data_path, dataset: str) -> dict:
-    "Minimal-pair accuracies (`minimal_pair_*` keys) when the split has a pairs file, else {}."
+    "`minimal_pair_entries` of the pairs of a split's own pairs file, scored from its full matrix; {} without a pairs file."
     try: pairs = load_minimal_pairs(data_path, dataset, split.name)
     except FileNotFoundError: return {}
-    acc = minimal_pair_accuracy(sims, split, pairs)
-    return {f'minimal_pair_{k}': v for k, v in acc.items()}
+    return minimal_pair_entries(minimal_pair_report(pair_blocks(sims, split, pairs), split, pairs))
+
+def evaluate_minimal_pairs(model: nn.Module, cfg, probe_split: str, tokenizer=None, progress: bool = True,
+                           batch_size: int | None = None, pairs_per_call: int = 8) -> dict:
+    "The `minimal_pair_report` of a probe split of `cfg`'s dataset: encoded once, only the within-pair blocks scored."
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
+    data, image_loader, caption_loader = build_eval_loaders(cfg, probe_split, tokenizer, batch_size)
+    pairs = load_minimal_pairs(cfg.data_path, cfg.dataset, probe_split)
+    rows_a, rows_b = pair_rows(data, pairs)
+    img_embs = encode_image_set(model, image_loader, progress)
+    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
+    blocks = pair_block_scores(model.cross_net, img_embs, cap_embs, cap_lens, rows_a, rows_b, data.captions_per_image,
+                               pairs_per_call, progress)
+    return minimal_pair_report(blocks, data, pairs)
 
 def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: bool = True,
                    batch_size: int | None = None, shard_size: int | None = None) -> tuple[dict, torch.Tensor]:
-    "Metrics and the (n_images, n_captions) similarity matrix of `model` on `split` of `cfg`'s dataset."
+    "Metrics (recall with intervals; minimal pairs of the split's probe split or its own pairs) and the (n_images, n_captions) matrix."
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     data, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
     sims = score_split(model, image_loader, caption_loader, shard_size or cfg.shard_size, progress)
     metrics = evaluate_sims(sims, cfg.dataset)
-    metrics.update(minimal_pair_metrics(sims, data, cfg.data_path, cfg.dataset))
+    metrics.update(recall_ci95(sims, cfg.dataset))
+    probe = probe_split(cfg.dataset, split)
+    if probe is None: metrics.update(minimal_pair_metrics(sims, data, cfg.data_path, cfg.dataset))
+    else: metrics.update(minimal_pair_entries(evaluate_minimal_pairs(model, cfg, probe, tokenizer, progress, batch_size)))
     return metrics, sims

@@ -8,13 +8,15 @@ import dataclasses, json, math
 from pathlib import Path
 import numpy as np
 import torch
+from .bootstrap import bootstrap_ci
 from .atomic import atomic_file, write_json_atomic
 from .datasets import get_dataset
 
 # %% auto #0
-__all__ = ['METRIC_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'retrieval_metrics_naive', 'evaluate_sims', 'format_metrics', 'sims_metadata_path', 'sims_protocol',
-           'save_sims', 'load_sims', 'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
+__all__ = ['METRIC_KEYS', 'RECALL_CI_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
+           'retrieval_metrics_naive', 'evaluate_sims', 'recall_hits', 'recall_ci95', 'format_metrics',
+           'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims', 'load_sims_metadata', 'ensemble_sims',
+           'ensemble_protocol']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -112,9 +114,43 @@ def evaluate_sims(sims, dataset: str,  # a registered dataset: its spec gives th
     if prefix: out.update({f'{prefix}{k}': v for k, v in retrieval_metrics(s, cpi, chunk_size).items()})
     return out
 
+# %% ../nbs/65_metrics.ipynb #9a7c0e12
+RECALL_CI_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
+
+def recall_hits(sims, captions_per_image: int = 5, chunk_size: int = 256) -> np.ndarray:
+    "(n_images, 7) per-image outcomes in percent, columns `RECALL_CI_KEYS`: i2t hits, t2i caption fractions, their sum."
+    i2t, t2i = retrieval_ranks(sims, captions_per_image, chunk_size)
+    t2i = t2i.reshape(len(i2t), captions_per_image)
+    cols = [i2t < k for k in (1, 5, 10)] + [(t2i < k).mean(axis=1) for k in (1, 5, 10)]
+    h = 100.0 * np.stack(cols, axis=1).astype(np.float64)
+    return np.concatenate([h, h.sum(axis=1, keepdims=True)], axis=1)
+
+def recall_ci95(sims, dataset: str,  # a registered dataset: its spec gives the protocol
+                captions_per_image: int | None = None, fold_size: int | None = None,  # None: the dataset's
+                n_resamples: int = 2000, seed: int = 0, chunk_size: int = 256) -> dict[str, list[float]]:
+    "{'<key>_ci95': [lo, hi]} for `RECALL_CI_KEYS` by a percentile bootstrap over images (with their captions), by the dataset's protocol."
+    spec = get_dataset(dataset)
+    cpi = spec.captions_per_image if captions_per_image is None else captions_per_image
+    fold = spec.protocol.fold_size if fold_size is None else fold_size
+    s = _as_tensor(sims)
+    _check_sims(s, cpi)
+    passes = [('', None)] if fold is None else [('', fold)] + ([(spec.protocol.full_pass_prefix, None)]
+                                                              if spec.protocol.full_pass_prefix else [])
+    out = {}
+    for prefix, f in passes:
+        if f is None: hits = recall_hits(s, cpi, chunk_size)
+        else:
+            if s.shape[0] % f: raise ValueError(f"the {dataset} protocol scores folds of fold_size={f} images and needs "
+                                                f"a multiple of {f} images, got {s.shape[0]}")
+            hits = np.concatenate([recall_hits(s[a:a + f, a * cpi:(a + f) * cpi], cpi, chunk_size)
+                                   for a in range(0, s.shape[0], f)])
+        ci = bootstrap_ci(hits, n_resamples, seed)
+        out.update({f'{prefix}{k}_ci95': [float(lo), float(hi)] for k, (lo, hi) in zip(RECALL_CI_KEYS, ci)})
+    return out
+
 # %% ../nbs/65_metrics.ipynb #e3d98f3d
 def format_metrics(metrics: dict) -> str:
-    "A fixed-width recall table of `evaluate_sims` output (two blocks for COCO: 1K fold mean and 5K)."
+    "A fixed-width recall table of `evaluate_sims` output (two blocks for COCO: 1K fold mean and 5K), with rsum's interval when given."
     blocks = [('', 'COCO 1K (5-fold mean)' if '5k_rsum' in metrics else '')]
     if '5k_rsum' in metrics: blocks.append(('5k_', 'COCO 5K'))
     lines = []
@@ -124,7 +160,8 @@ def format_metrics(metrics: dict) -> str:
         for d in ('i2t', 't2i'):
             v = [metrics[f'{prefix}{d}_{k}'] for k in ('r1', 'r5', 'r10', 'medr', 'meanr')]
             lines.append(f"{d:5}{v[0]:7.1f}{v[1]:7.1f}{v[2]:7.1f}{v[3]:7.0f}{v[4]:8.1f}")
-        lines.append(f"{'rsum':5}{metrics[prefix + 'rsum']:7.1f}")
+        ci = metrics.get(prefix + 'rsum_ci95')
+        lines.append(f"{'rsum':5}{metrics[prefix + 'rsum']:7.1f}" + (f"  95% CI [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else ''))
     return '\n'.join(lines)
 
 # %% ../nbs/65_metrics.ipynb #4ecc499c

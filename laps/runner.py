@@ -16,6 +16,7 @@ from .provenance import command_record
 from .model import LAPSModel
 from .training import seed_everything, optimizer_for, set_epoch_lr, training_step, make_alignment_loss, resolve_device
 from .evaluation import evaluate_split
+from .minimal_pairs import minimal_pair_scalars
 from .data import load_tokenizer, build_train_loader, build_loader, read_split, check_images
 from .datasets import image_folder
 from .checkpoint import save_checkpoint, load_checkpoint
@@ -165,7 +166,9 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
     def validate(epoch):
         nonlocal best_rsum, best_metrics
         metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tr.tokenizer, progress=progress)  # sharded under torchrun
-        logger.log(f'val_{cfg.val_split}', global_step, epoch=epoch, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith('minimal_pair_')}
+        if 'minimal_pairs' in metrics: scalars.update(minimal_pair_scalars(metrics['minimal_pairs']))  # mp_mean, mp_mean_<kind>, ...
+        logger.log(f'val_{cfg.val_split}', global_step, epoch=epoch, **scalars)
         if metrics['rsum'] > best_rsum:
             best_rsum, best_metrics = metrics['rsum'], dict(metrics, epoch=epoch, step=global_step)
             if info.is_main:

@@ -9,7 +9,7 @@ from transformers import BertConfig, SwinConfig, ViTConfig
 import laps
 from laps.checkpoint import save_checkpoint
 from laps.config import LapsConfig
-from laps.metrics import evaluate_sims, format_metrics, load_sims, save_sims, sims_metadata_path
+from laps.metrics import evaluate_sims, format_metrics, load_sims, recall_ci95, save_sims, sims_metadata_path
 from laps.model import LAPSModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,14 +177,15 @@ def test_released_eval_command(released_layout):
         assert json.loads(sims_metadata_path(root / run / 'results_f30k.npy').read_text()) == \
             {'dataset': 'f30k', 'split': 'test', 'shape': [N_IMG, 5 * N_IMG],
              'protocol': {'captions_per_image': 5, 'fold_size': None, 'full_pass_prefix': None}}
-        assert f"{run} (f30k test)\n{format_metrics(evaluate_sims(sims, 'f30k'))}" in out.stdout
+        expected = {**evaluate_sims(sims, 'f30k'), **recall_ci95(sims, 'f30k')}
+        assert f"{run} (f30k test)\n{format_metrics(expected)}" in out.stdout            # with rsum's interval
     assert out.stdout.index('runs/f30k_vit') < out.stdout.index('runs/f30k_swin')
     # the saved matrices ensemble under the protocol their sidecars name
     a, b = (root / r / 'results_f30k.npy' for r in ('runs/f30k_vit', 'runs/f30k_swin'))
     ens = _laps('eval', '--ensemble', a, b, '--json', cwd=root)
     assert ens.returncode == 0, ens.stderr[-3000:]
-    expected = evaluate_sims((load_sims(a).astype(np.float32) + load_sims(b)) / 2, 'f30k')
-    assert json.loads(ens.stdout) == pytest.approx(expected)
+    mean = (load_sims(a).astype(np.float32) + load_sims(b)) / 2
+    _assert_metrics(json.loads(ens.stdout), {**evaluate_sims(mean, 'f30k'), **recall_ci95(mean, 'f30k')})
     _one_error_line(_laps('eval', '--ensemble', a, b, '--dataset', 'coco', cwd=root), '--dataset coco disagrees with')
 
 
@@ -207,4 +208,48 @@ def test_ensemble_needs_a_protocol(tmp_path):
     _one_error_line(_laps('eval', '--ensemble', coco, f30k), f"{f30k} holds dataset 'f30k' but {coco} holds 'coco'")
     _one_error_line(_laps('eval', '--ensemble', coco, plain), f"while {coco} holds 'coco'")
     out = _laps('eval', '--ensemble', plain, '--dataset', 'f30k', '--json')
-    assert out.returncode == 0 and json.loads(out.stdout) == pytest.approx(evaluate_sims(s, 'f30k'))
+    assert out.returncode == 0
+    _assert_metrics(json.loads(out.stdout), {**evaluate_sims(s, 'f30k'), **recall_ci95(s, 'f30k')})
+
+
+def _assert_metrics(got: dict, expected: dict):
+    "Same keys; numbers and [lo, hi] intervals equal up to float32 rounding."
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items(): assert got[k] == pytest.approx(v), k
+
+
+@pytest.fixture(scope='module')
+def synthetic_run(tmp_path_factory):
+    "A tiny synthetic folder (its test split carries minimal pairs) and a run folder holding a tiny untrained model."
+    from laps.synthetic import generate_synthetic
+    root = tmp_path_factory.mktemp('synthetic_run')
+    generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12)
+    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
+    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    cfg = LapsConfig(dataset='synthetic', data_path=str(root / 'data'), img_res=32, num_patches=16, embed_size=16,
+                     bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0, max_word=32)
+    run = root / 'run'
+    save_checkpoint(run / 'checkpoint_best', LAPSModel(cfg, vit, text), cfg, save_rng=False)
+    (run / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train']}) + '\n')   # a run directory
+    return run
+
+
+def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run):
+    from laps.minimal_pairs import SCORES, format_minimal_pairs
+    out = _laps('eval', synthetic_run, '--split', 'test', '--json')
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout)
+    assert m['rsum_ci95'][0] <= m['rsum'] <= m['rsum_ci95'][1] and 'i2t_r1_ci95' in m
+    mp = m['minimal_pairs']
+    kinds = sorted({p['kind'] for p in json.loads((synthetic_run.parent / 'data' / 'synthetic' /
+                                                   'test_minimal_pairs.json').read_text())})
+    assert (mp['split'], sorted(mp['kinds']), mp['overall']['n_pairs']) == ('test', kinds, 6)
+    for row in (mp['overall'], *mp['kinds'].values(), mp['bow']['overall'], *mp['bow']['kinds'].values()):
+        for s in SCORES: assert row[f'{s}_ci95'][0] <= row[s] <= row[f'{s}_ci95'][1]
+    assert json.loads((synthetic_run / 'metrics_test.json').read_text()) == m     # the run records the same
+    text = _laps('eval', synthetic_run, '--split', 'test', '--no_progress')
+    assert text.returncode == 0, text.stderr[-3000:]
+    assert format_minimal_pairs(mp) in text.stdout and '95% CI [' in text.stdout
+    header = format_minimal_pairs(mp).splitlines()[1].split()
+    assert header == ['kind', 'bow?', 'n', 'i2t', 't2i', 'pair', 'mean', 'bow', 'mean']

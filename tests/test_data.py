@@ -432,5 +432,6 @@ def test_user_dataset_trains_and_evaluates(mine):
     assert saved.dataset == 'mine'
     metrics, sims = evaluate_split(model, saved, 'test', progress=False)
     assert sims.shape == (4, 12)
-    assert metrics == evaluate_sims(sims, 'mine') == retrieval_metrics(sims, captions_per_image=3)
+    assert {k: v for k, v in metrics.items() if not k.endswith('_ci95')} == evaluate_sims(sims, 'mine') \
+        == retrieval_metrics(sims, captions_per_image=3)
     assert 0 < metrics['rsum'] <= 600 and not any(k.startswith('minimal_pair') for k in metrics)
