@@ -30,7 +30,7 @@ def load_minimal_pairs(data_path, dataset: str, split: str) -> list[dict]:
 
 def probe_split(dataset: str, split: str) -> str | None:
     "The probe split whose minimal pairs are scored with `split` of registered `dataset` (its spec's `probe_splits`), or None."
-    return getattr(get_dataset(dataset), 'probe_splits', {}).get(split)
+    return get_dataset(dataset).probe_splits.get(split)
 
 # %% ../nbs/63_minimal_pairs.ipynb #28ce1b02
 def pair_rows(split: CaptionSplit, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,6 @@
 """Minimal-pair scores on hand-made blocks, their bootstrap intervals, the bag-of-words oracle, probe-split evaluation
 against the full matrix, and the JSON structure the evaluation stores."""
 import json, shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 import pytest
@@ -87,23 +86,18 @@ def test_bow_oracle_on_aligned_captions():
     assert rows == dict(binding='no', colour='yes')                     # solvability is computed from the oracle
 
 
-@dataclass(frozen=True)
-class _ProbeSpec(DatasetSpec):
-    probe_splits: dict = field(default_factory=dict)
-
-
 @pytest.fixture(scope='module')
 def probe_data(tmp_path_factory):
     "A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes)."
     from laps.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('probe')
-    generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16)
+    generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16, dev_probe_pairs=1, test_probe_pairs=1)
     shutil.copytree(root / 'synthetic', root / 'probetoy')
     d = root / 'probetoy'
     for split in ('dev', 'test'):
         for ext in ('caps.txt', 'ids.txt', 'minimal_pairs.json'): shutil.copy(d / f'{split}_{ext}', d / f'{split}_probes_{ext}')
         (d / f'{split}_minimal_pairs.json').unlink()
-    register_dataset(_ProbeSpec('probetoy', probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}))
+    register_dataset(DatasetSpec('probetoy', probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}))
     yield root
     DATASETS.unregister('probetoy')
 
@@ -124,7 +118,7 @@ def _tiny_model_cfg(root, dataset):
 def test_probe_evaluation_equals_the_full_matrix(probe_data):
     from laps.data import read_split
     from laps.evaluation import evaluate_minimal_pairs, evaluate_split, minimal_pair_metrics
-    assert probe_split('probetoy', 'test') == 'test_probes' and probe_split('synthetic', 'test') is None
+    assert probe_split('probetoy', 'test') == 'test_probes' and probe_split('synthetic', 'test') == 'test_probes' and probe_split('f30k', 'test') is None
     model, cfg = _tiny_model_cfg(probe_data, 'probetoy')
     metrics, sims = evaluate_split(model, cfg, 'test', progress=False)   # the pairs come from the probe split
     split = read_split(probe_data, 'probetoy', 'test_probes')
