@@ -246,7 +246,7 @@ def whole_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Te
     rows = []
     for Vb in V.split(bv):                                                 # one GEMM per pair of blocks
         Vf = Vb.reshape(-1, C)
-        rows.append(torch.cat([method.block_parts(params, [(Vf @ W.T).view(Vb.shape[0], M, wm.shape[0], -1)], wm)
+        rows.append(torch.cat([method.block_parts(params, [(Vf @ W.T).view(Vb.shape[0], M, wm.shape[0], ns * wm.shape[1])], wm)
                                for W, wm in caps], 1) if caps else V.new_zeros(Vb.shape[0], 0))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
     return (torch.cat(rows, 0) if rows else V.new_zeros(0, B_t))[:, inverse]

@@ -159,7 +159,8 @@ class SimilarityMethod:
     def block_parts(self, params: dict, parts: list[torch.Tensor], wmask: torch.Tensor) -> torch.Tensor:
         "The block form from the engine's cosines split along image tokens, parts [(bv, m, bt, ns*L)]."
         bv, (bt, L) = parts[0].shape[0], wmask.shape
-        cos = torch.cat(parts, 1).view(bv, -1, bt, self.n_word_sets, L).permute(3, 0, 2, 4, 1)   # (ns,bv,bt,L,M)
+        cos = torch.cat(parts, 1)
+        cos = cos.view(bv, cos.shape[1], bt, self.n_word_sets, L).permute(3, 0, 2, 4, 1)   # (ns,bv,bt,L,M); bv may be 0
         return self.block(params, cos, wmask)
 
     def __repr__(self) -> str: return f"{type(self).__name__}(name={self.name!r})"
