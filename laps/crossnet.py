@@ -21,9 +21,9 @@ class CrossNet(ReferenceCrossNet):
         self.engine, self.memory_budget = cfg.engine, DEFAULT_MEMORY_BUDGET
 
     def fast_forward(self, img_embs, cap_embs, cap_lens, memory_budget: int | None = None, with_mask: bool = True):
-        "The batched engine (`laps.engine`): -> sims (B_v, B_t) [, score_mask (B_t, B_v, N)]."
+        "The batched engine (`laps.engine`): -> sims (B_v, B_t) [, score_mask (B_t, B_v, N), None for a baseline]."
         return batched_forward(
-            img_embs, cap_embs, cap_lens, aggr_net=self.aggr_net, method=self.similarity_method,
+            img_embs, cap_embs, cap_lens, aggr_net=getattr(self, 'aggr_net', None), method=self.similarity_method,
             method_params=self.method_params, sparse_ratio=self.sparse_ratio, use_cls_as_glob=self.use_cls_as_glob,
             tok_select_net=getattr(self, 'tok_select_net', None), token_selection=self.token_selection,
             num_prefix_tokens=self.num_prefix_tokens, memory_budget=memory_budget or self.memory_budget,

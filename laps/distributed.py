@@ -170,7 +170,7 @@ class GatherForward(nn.Module):
         img_embs = all_gather_with_grad(m.encode_images(pixel_values))      # (W B, T, C): every rank's images
         sims, score_mask = m.cross_net(img_embs, cap_embs, cap_lens)        # (W B, B), (B, W B, N)
         sims = all_gather_with_grad(sims.t()).t()                           # (W B, W B)
-        return sims, all_gather_with_grad(score_mask), all_gather_cat(img_ids)
+        return sims, None if score_mask is None else all_gather_with_grad(score_mask), all_gather_cat(img_ids)
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     "`DistributedDataParallel(GatherForward(model))` on the process's device; the model itself in one process."

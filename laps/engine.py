@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .lps import split_cls, n_kept_patches, image_global
+from .lps import split_cls, n_kept_patches, image_global, text_globals
 from .registry import SIMILARITY_METHODS
 from .similarity import SimilarityMethod, word_mask
 
 # %% auto #0
 __all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'select_words', 'ImageSide', 'sym_norm_terms',
            'image_side', 'CaptionSide', 'caption_side', 'PatchSelection', 'select_patches', 'norm_squares',
-           'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'batched_forward', 'engine_flops']
+           'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'caption_blocks', 'whole_pair_bytes',
+           'whole_block_plan', 'whole_forward', 'batched_forward', 'engine_flops']
 
 # %% ../nbs/46_engine.ipynb #28587249
 def select_words(words: torch.Tensor, lens: torch.Tensor, attn_mat: nn.Module, strategy: str = 'ratio',
@@ -101,9 +102,7 @@ def caption_side(cap_embs: torch.Tensor, cap_lens: torch.Tensor, *, method: Simi
     "Everything that depends on the caption only: cap_embs (bt, L, C), cap_lens (bt,) -> `CaptionSide`."
     wmask = word_mask(cap_lens, cap_embs.shape[1])
     pad = ~wmask[..., None]                                                # (bt,L,1); padding may hold anything
-    with torch.no_grad():
-        g = cap_embs[:, 0] if use_cls_as_glob else cap_embs.masked_fill(pad, 0).sum(1) / cap_lens[:, None]
-        g = F.normalize(g, dim=-1)
+    with torch.no_grad(): g = F.normalize(text_globals(cap_embs, cap_lens, use_cls_as_glob), dim=-1)
     words = F.normalize(cap_embs.masked_fill(pad, 0), dim=-1)             # (bt,L,C), zero padding
     if tok_select_net is not None:
         words, lens = select_words(words, cap_lens, tok_select_net.attn_mat, **(token_selection or {}))
@@ -196,25 +195,70 @@ def block_plan(n_img: int, lens_desc: list[int], *, N: int, C: int, Ns: int, ns:
     "Image block size and caption blocks [(start, stop)] over captions sorted longest first."
     per_img = image_bytes(N, C, Ns)
     bv = max(1, min(n_img, max_images, budget // (4 * per_img)))
+    return bv, caption_blocks(lens_desc, bv, per_img, lambda L: pair_bytes(N, C, Ns, L, ns),
+                              lambda L: 4 * ns * L * C * 3, budget, min_block, fill)
+
+def caption_blocks(lens_desc: list[int], bv: int, per_img: int, per_pair, per_cap, budget: int,
+                   min_block: int = 8, fill: float = 0.85) -> list[tuple[int, int]]:
+    "Caption blocks [(start, stop)] for image blocks of `bv`; per_pair(L), per_cap(L): bytes at padded length L."
     blocks, i = [], 0
     while i < len(lens_desc):
         L = max(1, int(lens_desc[i]))
-        per_cap = 4 * ns * L * C * 3
-        bt = max(1, (budget - bv * per_img) // (bv * pair_bytes(N, C, Ns, L, ns) + per_cap))
+        bt = max(1, (budget - bv * per_img) // (bv * per_pair(L) + per_cap(L)))
         j = min(len(lens_desc), i + bt)
         short = [k for k in range(i + min_block, j) if lens_desc[k] < fill * L]    # too much padding from here
         j = short[0] if short else j
         blocks.append((i, j))
         i = j
-    return bv, blocks
+    return blocks
+
+# %% ../nbs/46_engine.ipynb #4851f468
+def whole_pair_bytes(M: int, L: int, ns: int = 1, itemsize: int = 4) -> int:
+    "Working bytes of one pair of a method that does not slim: cosines (M x ns L), the reductions' temporaries."
+    return itemsize * (3 * ns * L * M + 2 * (ns * L + M))
+
+def whole_block_plan(n_img: int, lens_desc: list[int], *, M: int, C: int, ns: int = 1,
+                     budget: int = DEFAULT_MEMORY_BUDGET, min_block: int = 8, fill: float = 0.85) -> tuple[int, list]:
+    "`block_plan` for a method that does not slim, with M image tokens: image block size and caption blocks."
+    per_img = 2 * 4 * M * C                                                # its tokens and their normalised copy
+    bv = max(1, min(n_img, budget // (4 * per_img)))
+    return bv, caption_blocks(lens_desc, bv, per_img, lambda L: whole_pair_bytes(M, L, ns),
+                              lambda L: 3 * 4 * ns * L * C, budget, min_block, fill)
+
+def whole_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Tensor, *, method: SimilarityMethod,
+                  method_params: dict | None = None, num_prefix_tokens: int | None = None,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    "A method that does not slim, on validated img_embs (B_v, T, C), cap_embs (B_t, L, C), lens (B_t,) -> sims (B_v, B_t)."
+    params, (B_t, L, C) = method_params or {}, cap_embs.shape
+    cls, X = split_cls(img_embs, num_prefix_tokens)
+    V = F.normalize(method.whole_image_tokens(params, cls, X), dim=-1)    # (B_v, M, C)
+    pad = ~word_mask(lens, L)[..., None]                                   # padding may hold anything
+    toks, n = method.whole_caption_tokens(params, cap_embs.masked_fill(pad, 0), lens)   # (B_t, L', C), (B_t,)
+    M, ns = V.shape[1], method.n_word_sets
+    order = n.argsort(descending=True, stable=True)                        # longest captions first
+    n_desc = n[order].tolist()
+    bv, blocks = whole_block_plan(V.shape[0], n_desc, M=M, C=C, ns=ns, budget=int(memory_budget))
+    caps = []
+    for (a, b), t in zip(blocks, toks[order].split([b - a for a, b in blocks]) if blocks else []):
+        wmask = word_mask(n[order[a:b]], n_desc[a])                        # (bt, L')
+        words = F.normalize(t[:, :n_desc[a]].masked_fill(~wmask[..., None], 0), dim=-1)
+        caps.append((torch.stack(method.word_sets(params, words), 1).reshape(-1, C), wmask))   # (bt ns L', C)
+    rows = []
+    for Vb in V.split(bv):                                                 # one GEMM per pair of blocks
+        Vf = Vb.reshape(-1, C)
+        rows.append(torch.cat([method.block_parts(params, [(Vf @ W.T).view(Vb.shape[0], M, wm.shape[0], ns * wm.shape[1])], wm)
+                               for W, wm in caps], 1) if caps else V.new_zeros(Vb.shape[0], 0))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
+    return (torch.cat(rows, 0) if rows else V.new_zeros(0, B_t))[:, inverse]
+
 
 # %% ../nbs/46_engine.ipynb #aa91ae24
-def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *, aggr_net: nn.Module,
+def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *, aggr_net: nn.Module | None,
                     method: SimilarityMethod, method_params: dict | None = None, sparse_ratio: float = 0.5,
                     use_cls_as_glob: bool = False, tok_select_net: nn.Module | None = None,
                     token_selection: dict | None = None, num_prefix_tokens: int | None = None,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, with_mask: bool = False):
-    "img_embs (B_v, T, C), cap_embs (B_t, L, C), cap_lens (B_t,) -> sims (B_v, B_t) [, score_mask (B_t, B_v, N)]."
+    "img_embs (B_v, T, C), cap_embs (B_t, L, C), cap_lens (B_t,) -> sims (B_v, B_t) [, score_mask (B_t, B_v, N) or None]."
     if img_embs.ndim != 3 or cap_embs.ndim != 3 or img_embs.shape[-1] != cap_embs.shape[-1]:
         raise ValueError(f"expected img_embs (B_v, T, C) and cap_embs (B_t, L, C) with the same C, "
                          f"got {tuple(img_embs.shape)} and {tuple(cap_embs.shape)}")
@@ -225,6 +269,11 @@ def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *,
         raise ValueError(f"cap_lens must lie in [1, {L_max}] (the padded caption length), "
                          f"got values in [{int(lens.min())}, {int(lens.max())}]")
     if memory_budget < 1: raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if not method.slims_patches:                                           # a baseline: no LPS, SPA, selection
+        sims = whole_forward(img_embs, cap_embs, lens, method=method, method_params=method_params,
+                             num_prefix_tokens=num_prefix_tokens, memory_budget=memory_budget)
+        return (sims, None) if with_mask else sims
+    if aggr_net is None: raise ValueError(f"similarity method {method.name!r} slims patches: batched_forward needs aggr_net")
     N = split_cls(img_embs[:0], num_prefix_tokens)[1].shape[1]
     Ns, ns = aggr_net.weight[-1].out_features, method.n_word_sets
     K = n_kept_patches(N, sparse_ratio)
@@ -262,6 +311,10 @@ def engine_flops(*, N: int = 196, C: int = 512, L: float = 16.0, sparse_ratio: f
                  has_cls: bool = True, method: str = 'max', n_img: int = 1000, n_cap: int = 5000) -> dict:
     "Analytic FLOPs per image-caption pair of the reference and fast engines (GEMM-like work only)."
     sim = SIMILARITY_METHODS.get(method)                                   # a registered similarity method
+    if not sim.slims_patches:                                              # its own tokens: no LPS, SPA, norms
+        M, Lw = sim.aligned_tokens(N, L, has_cls)
+        pair = sim.n_word_sets * Lw * M * C + sim.caption_macs(Lw, C) / n_img   # the cosines, both engines
+        return {'reference': 2 * pair, 'fast': 2 * pair}
     K, h, ns = n_kept_patches(N, sparse_ratio), int(0.2 * C), sim.n_word_sets
     M = Ns + 1 + int(has_cls)
     weight_net = N * (C * h + h * Ns)                                      # multiply-adds, all N patches

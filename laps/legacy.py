@@ -125,6 +125,9 @@ def fit_legacy_keys_to_config(state_dict: dict, cfg: LapsConfig, notes: list | N
     method = SIMILARITY_METHODS.get(cfg.similarity_calc_method)
     unused = []
     if not cfg.use_token_selection: unused.append(('cross_net.tok_select_net.', 'use_token_selection=0'))
+    if not method.slims_patches:                                       # a baseline builds neither module
+        unused += [(p, f"similarity_calc_method={cfg.similarity_calc_method!r}, which does not slim patches")
+                   for p in ('cross_net.aggr_net.', 'cross_net.tok_select_net.')]
     for other in dict(SIMILARITY_METHODS.items()).values():             # parameters of the methods not in use
         unused += [('cross_net.' + p, f"similarity_calc_method={cfg.similarity_calc_method!r}")
                    for p in other.param_names if p not in method.param_names]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .encoders import has_cls_token
 
 # %% auto #0
-__all__ = ['split_cls', 'n_kept_patches', 'image_global', 'text_global', 'patch_scores', 'select_patches']
+__all__ = ['split_cls', 'n_kept_patches', 'image_global', 'text_global', 'text_globals', 'patch_scores', 'select_patches']
 
 # %% ../nbs/20_lps.ipynb #47013135
 def split_cls(img_embs: torch.Tensor,  # (B, T, C) image tokens
@@ -36,6 +36,11 @@ def image_global(img_cls: torch.Tensor | None, patches: torch.Tensor, use_cls: b
 def text_global(cap: torch.Tensor, use_cls: bool) -> torch.Tensor:
     "g_txt (C,) of one caption's (n_word, C) unnormalised tokens: [CLS] or the mean token."
     return cap[0] if use_cls else cap.mean(dim=0)
+
+def text_globals(cap_embs: torch.Tensor, lens: torch.Tensor, use_cls: bool) -> torch.Tensor:
+    "`text_global` of padded captions: cap_embs (B_t, L, C), lens (B_t,) -> (B_t, C); padding is never read."
+    pad = ~(torch.arange(cap_embs.shape[1], device=cap_embs.device) < lens[:, None])[..., None]   # (B_t,L,1)
+    return cap_embs[:, 0] if use_cls else cap_embs.masked_fill(pad, 0).sum(1) / lens[:, None]
 
 @torch.no_grad()
 def patch_scores(patches: torch.Tensor, img_glob: torch.Tensor, txt_glob: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .config import LapsConfig
 from .encoders import BUILTIN_CONFIGS, backbone_config
+from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, check_state_dict
 
 logger = logging.getLogger(__name__)
@@ -94,13 +95,15 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
             if metrics and split == cfg.val_split: continue                # the trainer state's copy is the current one
             try: metrics.append((f"{split} (`{f.name}`)", json.loads(f.read_text())))
             except (OSError, ValueError): pass
+    slims = SIMILARITY_METHODS.get(cfg.similarity_calc_method).slims_patches
     arch = [('vision backbone', f"`{cfg.vision_backbone}` ({cfg.vit_type}, {cfg.num_patches} patches at {cfg.img_res} px"
                                 f"{_arch(backbones.get('vision'))})"),
             ('text backbone', f"`{cfg.bert_path}`" + (f" ({_arch(backbones.get('text'))[2:]})" if backbones.get('text') else '')),
             ('embedding size', cfg.embed_size),
             ('similarity', f"`{cfg.similarity_calc_method}`"),
-            ('patch slimming', f"sparse_ratio {cfg.sparse_ratio}, aggr_ratio {cfg.aggr_ratio} ({cfg.n_aggregated} aggregated patches)"),
-            ('token selection', 'yes' if cfg.use_token_selection else 'no'),
+            ('patch slimming', f"sparse_ratio {cfg.sparse_ratio}, aggr_ratio {cfg.aggr_ratio} ({cfg.n_aggregated} aggregated patches)"
+                               if slims else 'none (a baseline: the similarity aligns the whole embeddings)'),
+            ('token selection', 'yes' if cfg.use_token_selection and slims else 'no'),
             ('data', f"dataset `{cfg.dataset}`, data_path `{cfg.data_path}`, best checkpoint chosen on `{cfg.val_split}`")]
     lines = ['---', ModelCardData(library_name='laps', tags=list(CARD_TAGS)).to_yaml(), '---', '',
              '# LAPS image-text retrieval model', '',

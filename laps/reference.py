@@ -33,9 +33,10 @@ class ReferenceCrossNet(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.token_selection = dict(strategy=cfg.token_selection_strategy, ratio=cfg.token_selection_ratio,
                                     trainable=bool(cfg.token_selection_trainable))
-        self.aggr_net = TokenAggregation(C, cfg.n_aggregated)
-        if cfg.use_token_selection: self.tok_select_net = TokenSelection(C)
         self.similarity_method: SimilarityMethod = SIMILARITY_METHODS.get(cfg.similarity_calc_method)(cfg)
+        if self.slims_patches:                                             # the baselines build neither
+            self.aggr_net = TokenAggregation(C, cfg.n_aggregated)
+            if cfg.use_token_selection: self.tok_select_net = TokenSelection(C)
         owned = self.similarity_method.owned_parameters()
         for name, p in owned.items():                                      # published keys: cross_net.<name>
             if hasattr(self, name):
@@ -50,6 +51,9 @@ class ReferenceCrossNet(nn.Module):
         return {name: getattr(self, name) for name in self._method_param_names}
 
     @property
+    def slims_patches(self) -> bool: return self.similarity_method.slims_patches  # LPS, SPA, text selection
+
+    @property
     def uses_token_selection(self) -> bool: return hasattr(self, 'tok_select_net')
 
     def split_image(self, img_embs):
@@ -57,7 +61,9 @@ class ReferenceCrossNet(nn.Module):
         return split_cls(img_embs, self.num_prefix_tokens)
 
     def image_tokens(self, img_cls, patches, cap):
-        "One caption vs all images: -> normalised image tokens V (B_v, M, C), score_mask (B_v, N)."
+        "One caption vs all images: -> normalised image tokens V (B_v, M, C), score_mask (B_v, N) (None: no slimming)."
+        if not self.slims_patches:
+            return F.normalize(self.similarity_method.whole_image_tokens(self.method_params, img_cls, patches), dim=-1), None
         img_glob = image_global(img_cls, patches, self.use_cls_as_glob)
         score = patch_scores(patches, img_glob, text_global(cap, self.use_cls_as_glob))
         kept, extra, score_mask = select_patches(patches, score, n_kept_patches(patches.shape[1], self.sparse_ratio))
@@ -66,6 +72,9 @@ class ReferenceCrossNet(nn.Module):
 
     def caption_tokens(self, cap):
         "One caption's (n_word, C) embeddings -> normalised (possibly selected) word tokens (L, C)."
+        if not self.slims_patches:
+            toks, n = self.similarity_method.whole_caption_tokens(self.method_params, cap[None], torch.tensor([len(cap)], device=cap.device))
+            return F.normalize(toks[0, :int(n[0])], dim=-1)
         words = F.normalize(cap, dim=-1)
         return self.tok_select_net(words, **self.token_selection) if self.uses_token_selection else words
 
@@ -74,7 +83,7 @@ class ReferenceCrossNet(nn.Module):
         return self.similarity_method.reference(self.method_params, words, tokens)
 
     def reference_forward(self, img_embs, cap_embs, cap_lens):
-        "The per-caption loop: -> sims (B_v, B_t), score_mask (B_t, B_v, N)."
+        "The per-caption loop: -> sims (B_v, B_t), score_mask (B_t, B_v, N) (None: no slimming)."
         img_cls, patches = self.split_image(img_embs)
         sims, masks = [], []
         for cap, n_word in zip(cap_embs, cap_lens):
@@ -82,7 +91,7 @@ class ReferenceCrossNet(nn.Module):
             tokens, score_mask = self.image_tokens(img_cls, patches, cap)
             sims.append(self.similarity(self.caption_tokens(cap), tokens))
             masks.append(score_mask)
-        return torch.stack(sims, dim=1), torch.stack(masks, dim=0)
+        return torch.stack(sims, dim=1), torch.stack(masks, dim=0) if self.slims_patches else None
 
     def forward(self, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens):
         "img_embs (B_v, T, C), cap_embs (B_t, L, C), cap_lens (B_t,) -> eval: sims; train: (sims, score_mask)."

@@ -96,7 +96,7 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     else: sims, score_mask, img_ids = model(batch['images'], batch['input_ids'], batch['img_ids'])  # all ranks' pairs
     align = alignment_loss(sims, img_ids.to(sims.device), epoch)
     warm = loss_warmup_factor(epoch, step, steps_per_epoch, cfg.embedding_warmup_epochs)
-    r_loss = ratio_loss(score_mask, cfg.sparse_ratio, cfg.ratio_weight)
+    r_loss = sims.new_zeros(()) if score_mask is None else ratio_loss(score_mask, cfg.sparse_ratio, cfg.ratio_weight)   # None: a baseline selects nothing
     loss = finite_or_zero(align * warm + r_loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -7,7 +7,7 @@ from torch import nn
 from laps import LapsConfig, CrossNet
 from laps.registry import SIMILARITY_METHODS
 from laps.engine import DEFAULT_MEMORY_BUDGET
-from laps.lps import n_kept_patches, image_global, text_global, patch_scores
+from laps.lps import n_kept_patches, image_global, text_global, patch_scores, split_cls
 import extra_similarity
 
 TOL = 1e-4
@@ -23,6 +23,7 @@ def _combos():
 
 with extra_similarity.registered():                                       # a method only these tests know is swept too
     COMBOS, METHODS = list(_combos()), SIMILARITY_METHODS.names()
+    BASELINES = [m for m in METHODS if not SIMILARITY_METHODS.get(m).slims_patches]   # global, dense: no LPS/SPA
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -32,8 +33,18 @@ def _extra_method_registered():
 
 def test_the_sweep_covers_every_registered_method():
     assert extra_similarity.GatedMeanSimilarity.name in METHODS
-    assert set(METHODS) == set(SIMILARITY_METHODS.names()) >= {'max', 'attn', 'thres'}
+    assert set(METHODS) == set(SIMILARITY_METHODS.names()) >= {'max', 'attn', 'thres', 'global', 'dense'}
     assert {c[0] for c in COMBOS} == set(METHODS)
+    assert {m for m in METHODS if not SIMILARITY_METHODS.get(m).slims_patches} == {'global', 'dense'}
+
+
+def _same_mask(a, b):
+    "Both None (a method that does not slim), or equal."
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _mask_shape_ok(net, mask, shape):
+    return mask is None if not net.slims_patches else mask.shape == shape
 
 
 def _net(method='max', use_cls=0, selection=None, learn_temp=0, trainable=0, C=32, N=196, prefix=None, **kw):
@@ -57,6 +68,7 @@ def decision_margin(net, img, cap, lens):
     with torch.no_grad():
         for c, n in zip(cap, lens):
             c = c[:int(n)]
+            if not net.slims_patches: continue                             # no selection: nothing discrete but a max
             score = patch_scores(patches, image_global(img_cls, patches, net.use_cls_as_glob),
                                  text_global(c, net.use_cls_as_glob))
             if K < N:
@@ -113,12 +125,12 @@ def test_fast_equals_reference_values_masks_and_every_gradient(T, method, use_cl
     g_ref = _grads(sims_ref, net, img, cap, weights)
     net.engine = 'fast'
     sims, mask = net(img, cap, lens)
-    assert sims.shape == sims_ref.shape and mask.shape == (cap.shape[0], img.shape[0], N)
+    assert sims.shape == sims_ref.shape and _mask_shape_ok(net, mask, (cap.shape[0], img.shape[0], N))
     assert (sims - sims_ref).abs().max() <= TOL
-    assert torch.equal(mask, mask_ref)                                   # same kept patches (inputs are untied)
+    assert _same_mask(mask, mask_ref)                                    # same kept patches (inputs are untied)
     _assert_grads_close(_grads(sims, net, img, cap, weights), g_ref)
     sims_1, mask_1 = net(img, cap, lens, memory_budget=1)                # one pair a block: several caption blocks,
-    assert (sims_1 - sims_ref).abs().max() <= TOL and torch.equal(mask_1, mask_ref)   # norms over all of them at once
+    assert (sims_1 - sims_ref).abs().max() <= TOL and _same_mask(mask_1, mask_ref)   # norms over all of them at once
     _assert_grads_close(_grads(sims_1, net, img, cap, weights), g_ref)
     net.eval()
     with torch.no_grad():                                                # the no-grad path updates in place
@@ -146,8 +158,8 @@ def test_prefix_tokens_both_engines(method, prefix, T):
     weights = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
     net.engine = 'reference'; s_ref, m_ref = net(img, cap, lens); g_ref = _grads(s_ref, net, img, cap, weights)
     net.engine = 'fast'; s, m = net(img, cap, lens)
-    assert m.shape == (4, 3, 196 if T > 49 else 49)
-    assert (s - s_ref).abs().max() <= TOL and torch.equal(m, m_ref)
+    assert _mask_shape_ok(net, m, (4, 3, 196 if T > 49 else 49))
+    assert (s - s_ref).abs().max() <= TOL and _same_mask(m, m_ref)
     g = _grads(s, net, img, cap, weights)
     _assert_grads_close(g, g_ref)
     if prefix == 2:                                                        # the distillation token is never read
@@ -165,12 +177,13 @@ def test_memory_budget_only_changes_blocks(method):
         sims, mask = net(img, cap, lens, memory_budget=budget)
         outs.append((sims, mask, _grads(sims, net, img, cap, weights)))
     for sims, mask, grads in outs[1:]:
-        assert (sims - outs[0][0]).abs().max() <= 1e-6 and torch.equal(mask, outs[0][1])
+        assert (sims - outs[0][0]).abs().max() <= 1e-6 and _same_mask(mask, outs[0][1])
         _assert_grads_close(grads, outs[0][2], tol=1e-6)
 
 
-def test_padding_content_never_matters():
-    net = _net('thres', use_cls=1, selection='ratio').train()
+@pytest.mark.parametrize('method', ['thres'] + BASELINES)
+def test_padding_content_never_matters(method):
+    net = _net(method, use_cls=1, selection='ratio').train()
     img, cap, lens = untied_inputs(net, 49, 32, requires_grad=False)
     noisy = cap.clone()
     for j, n in enumerate(lens.tolist()):
@@ -178,7 +191,7 @@ def test_padding_content_never_matters():
     cap.requires_grad_(); noisy.requires_grad_()
     sims, mask = net(img, cap, lens)
     sims_n, mask_n = net(img, noisy, lens)
-    assert torch.equal(sims, sims_n) and torch.equal(mask, mask_n)
+    assert torch.equal(sims, sims_n) and _same_mask(mask, mask_n)
     g, = torch.autograd.grad(sims.sum(), cap); g_n, = torch.autograd.grad(sims_n.sum(), noisy)
     assert torch.equal(g, g_n) and torch.isfinite(g_n).all()
     for j, n in enumerate(lens.tolist()): assert g_n[j, n:].abs().sum() == 0      # padding gets no gradient
@@ -235,11 +248,54 @@ def test_bad_inputs_name_what_was_expected():
     with pytest.raises(ValueError, match='same C'): net(img, torch.randn(3, 6, 16), [6, 1, 2])
 
 
-def test_empty_batches():
-    net = _net().eval()
+@pytest.mark.parametrize('method', METHODS)
+def test_empty_batches(method):
+    net = _net(method).eval()
     with torch.no_grad():
         assert net(torch.randn(0, 197, 32), torch.randn(3, 6, 32), [6, 1, 2]).shape == (0, 3)
         assert net(torch.randn(2, 197, 32), torch.randn(0, 6, 32), []).shape == (2, 0)
+
+
+@pytest.mark.parametrize('method', BASELINES)
+def test_methods_that_do_not_slim_ignore_every_slimming_flag(method):
+    "No aggr_net, no tok_select_net, no mask; sparse_ratio, aggr_ratio and text selection change nothing."
+    img, cap, lens = torch.randn(3, 197, 32), torch.randn(4, 9, 32), torch.tensor([9, 5, 3, 7])
+    outs = []
+    for kw in (dict(), dict(selection='ratio', sparse_ratio=0.3, aggr_ratio=0.9), dict(selection='score', sparse_ratio=1.0)):
+        net = _net(method, **kw).train()
+        assert not net.slims_patches and not hasattr(net, 'aggr_net') and not net.uses_token_selection
+        assert not any(k.startswith(('aggr_net.', 'tok_select_net.')) for k in net.state_dict())
+        for net.engine in ('fast', 'reference'):
+            sims, mask = net(img, cap, lens)
+            assert mask is None
+            outs.append(sims)
+    for s in outs[1:]: assert (s - outs[0]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize('use_cls,T', [(0, 197), (1, 197), (1, 49)])
+def test_global_is_the_cosine_of_the_lps_global_embeddings(use_cls, T):
+    "`global` = cos(image_global, text_global), the pooling of LPS's global embeddings, in both engines."
+    net = _net('global', use_cls, N=T - 1 if T == 197 else T).eval()
+    img, cap, lens = torch.randn(3, T, 32), torch.randn(4, 9, 32), torch.tensor([9, 5, 3, 7])
+    cls, patches = split_cls(img)
+    g_img = image_global(cls, patches, bool(use_cls))                     # (3, C)
+    g_txt = torch.stack([text_global(c[:int(n)], bool(use_cls)) for c, n in zip(cap, lens)])   # (4, C)
+    expected = F.normalize(g_img, dim=-1) @ F.normalize(g_txt, dim=-1).T
+    for net.engine in ('fast', 'reference'):
+        with torch.no_grad(): assert (net(img, cap, lens) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize('T', [197, 49])
+def test_dense_is_max_over_every_image_token_and_word(T):
+    net = _net('dense', N=T - 1 if T == 197 else T).eval()
+    img, cap, lens = torch.randn(3, T, 32), torch.randn(4, 9, 32), torch.tensor([9, 5, 3, 7])
+    V = F.normalize(img, dim=-1)                                           # [CLS] (if any) and every patch
+    expected = torch.empty(3, 4)
+    for j, n in enumerate(lens.tolist()):
+        S = F.leaky_relu(F.normalize(cap[j, :n], dim=-1) @ V.transpose(1, 2), 0.1)   # (3, n, T)
+        expected[:, j] = S.amax(-1).mean(-1) + S.amax(-2).mean(-1)
+    for net.engine in ('fast', 'reference'):
+        with torch.no_grad(): assert (net(img, cap, lens) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.slow
