@@ -160,12 +160,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     'paper-swin': dict(vit_type='swin', num_patches=49, sparse_ratio=0.8, aggr_ratio=0.6),
     'improved': dict(batch_size=64, use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8,
                      similarity_calc_method='attn', use_learnable_temp=0),
-    'cpu': dict(dataset='synthetic', data_path='data/', vision_backbone='laps/vit-tiny-64', vision_pretrained=False,
-                bert_path='minilm', text_pretrained=True, text_layers=3, freeze_text_layers=-1, size_augment=0,
-                img_res=64, num_patches=64, embed_size=256, batch_size=64, num_epochs=3, learning_rate=1e-3,
-                lr_schedules=[2], workers=0, vse_mean_warmup_epochs=1, max_violation=True, log_step=20,
-                val_step=10**9, max_word=32, shard_size=200, logger_name='runs/cpu'),
+    'cpu': dict(dataset='synthetic', data_path='data/', vit_type='conv-vit', vision_backbone='laps/conv-vit-64',
+                vision_pretrained=False, bert_path='minilm', text_pretrained=True, text_layers=3, freeze_text_layers=2,
+                size_augment=0, img_res=64, num_patches=64, embed_size=128, batch_size=32, num_epochs=1, learning_rate=1e-3,
+                lr_schedules=[1], workers=0, vse_mean_warmup_epochs=1, max_violation=True, grad_clip=1000.0,
+                pair_batches=1, use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8,
+                similarity_calc_method='attn', log_step=20, val_step=10**9, max_word=32, shard_size=200,
+                logger_name='runs/cpu'),
 }
+PRESETS['cpu-released'] = dict(PRESETS['cpu'], use_cls_as_glob_embd=0, use_token_selection=0, token_selection_ratio=1.0,
+                               similarity_calc_method='max', logger_name='runs/cpu-released')  # the released LAPS at CPU size
 
 def get_config(preset: str | None = None, **overrides) -> LapsConfig:
     "Resolve a named preset plus keyword overrides into a validated `LapsConfig`."
