@@ -98,7 +98,7 @@ check-install:
 	cd "$$tmp"; \
 	! venv/bin/python -c "import fastcore" 2>/dev/null || { echo "check-install: fastcore is installed"; exit 1; }; \
 	venv/bin/laps --help > /dev/null; \
-	venv/bin/laps data synthetic --out "$$tmp/data/synthetic" --n_train 4 --n_dev 2 --n_test 2 --img_size 32; \
+	venv/bin/laps data synthetic --out "$$tmp/data/synthetic" --n_train 4 --n_dev 2 --n_test 2 --dev_probe_pairs 1 --test_probe_pairs 1 --img_size 32; \
 	venv/bin/python -c "import laps; laps.LAPSModel; print('import laps', laps.__version__, 'from', laps.__file__)"; \
 	venv/bin/python -c "import importlib, pkgutil, laps; \
 	  mods = [m.name for m in pkgutil.iter_modules(laps.__path__, 'laps.')]; [importlib.import_module(m) for m in mods]; \

@@ -119,7 +119,8 @@ def ensure_synthetic(data_root, n_train: int, n_dev: int, n_test: int, seed: int
     "Generate (once) a synthetic set of this size under `<data_root>/<size tag>/synthetic`; returns its data_path."
     from laps.synthetic import generate_synthetic
     data_path = Path(data_root) / f'n{n_train}-{n_dev}-{n_test}-s{seed}'
-    generate_synthetic(data_path / 'synthetic', seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test)
+    generate_synthetic(data_path / 'synthetic', seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test,
+                       dev_probe_pairs=20, test_probe_pairs=50)  # probe pairs per kind: small, the reports score the test split's own pairs
     return str(data_path)
 
 # %% ../nbs/92_report_runs.ipynb #c1b7dd9d
