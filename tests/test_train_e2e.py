@@ -6,13 +6,13 @@ from laps.synthetic import generate_synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-UNTRAINED_RSUM_MAX = 133.0        # the highest test rsum of an untrained cpu-preset model on `tiny_data` (seeds 0-2)
+UNTRAINED_RSUM_MAX = 149.0        # the highest test rsum of an untrained cpu-preset model on `tiny_data` (seeds 0-2)
 
 
 @pytest.fixture(scope='module')
 def tiny_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('data')
-    generate_synthetic(root / 'synthetic', seed=0, n_train=64, n_dev=20, n_test=20, dev_probe_pairs=2, test_probe_pairs=2)
+    generate_synthetic(root / 'synthetic', seed=0, n_train=320, n_dev=20, n_test=20, dev_probe_pairs=2, test_probe_pairs=2)
     return root
 
 
@@ -58,17 +58,18 @@ def test_train_kill_resume_and_eval(tiny_data, tmp_path):
     for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum', 'minimal_pair_i2t', 'minimal_pair_t2i'):
         assert k in metrics
     assert abs(metrics['rsum'] - sum(metrics[k] for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10'))) < 1e-6
-    # It learned. Measured on this tiny test split (20 images in 10 minimal pairs, 100 captions; generator version 2):
-    # a freshly initialised cpu-preset model (seed_everything(seed); LAPSModel(cfg); evaluate_split on 'test') scores
-    # rsum 131.0, 133.0 and 130.0 for seeds 0-2 (t2i R@1 3-6); these 3 epochs reach rsum 184.0, t2i R@1 8.0 (1 shared
-    # core). Every test caption now has a near-duplicate partner image, so R@1 is capped near half and no longer
-    # separates trained from untrained at this size; the rsum bound lies above every untrained value and well below
-    # the trained one.
-    assert metrics['rsum'] > UNTRAINED_RSUM_MAX + 15, metrics
+    # It learned. Measured on this tiny test split (20 images in 10 minimal pairs, 100 captions; generator version 2;
+    # 320 training images): a freshly initialised cpu-preset model (seed_everything(seed); LAPSModel(cfg) at batch 16;
+    # evaluate_split on 'test') scores rsum 109.0, 144.0 and 149.0 for seeds 0-2. With 64 training images the preset's
+    # 12 steps left it below that (rsum 91.0), so the set is larger. Every test caption has a near-duplicate partner
+    # image, so R@1 stays low at this size; the rsum bound lies above every untrained value.
+    assert metrics['rsum'] > UNTRAINED_RSUM_MAX + 15, (metrics['rsum'], metrics['t2i_r1'])
     # the saved matrix evaluates to the same numbers through --ensemble (one member)
     out2 = _laps('eval', '--ensemble', tmp_path / 'sims.npy', '--dataset', 'synthetic', '--data_path', tiny_data, '--json')
     assert out2.returncode == 0, out2.stderr[-3000:]
-    assert json.loads(out2.stdout.strip().splitlines()[-1]) == metrics
+    ens = json.loads(out2.stdout.strip().splitlines()[-1])
+    recall = [k for k in metrics if not k.startswith('minimal_pair')]      # the probe split is scored from the model, not the matrix
+    assert recall and {k: ens[k] for k in recall} == {k: metrics[k] for k in recall}
 
 
 def test_same_seed_same_numbers(tiny_data, tmp_path):
