@@ -3,8 +3,9 @@
 #   make test-slow   end-to-end and multi-process tests (pytest -m slow)
 #   make lab         JupyterLab on nbs/
 #   make export      regenerate laps/ from nbs/ (never edit laps/*.py by hand)
-#   make demo        synthetic benchmark: generate, train the cpu preset, evaluate on test (12-14 min
-#                    on a fresh clone of a 2-core machine; the measured numbers are in README.md)
+#   make demo        synthetic benchmark: generate, train the cpu preset (the final framework), evaluate on test and
+#                    the test probes, printing the per-kind minimal-pair table beside the bag-of-words oracle
+#                    (900 s on a fresh clone of the 2-core machine; the measured numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 45 min
 #                    on 2 free cores; REPORT_ARGS='-p seed 1' passes parameters to every report)

@@ -319,7 +319,7 @@ def test_factories_from_config(tmp_path, tok):
     s, folder = toy_images(tmp_path)
     (tmp_path / 'toy').rename(tmp_path / 'f30k')
     cfg = get_config('cpu', dataset='f30k', data_path=str(tmp_path), f30k_img_path=str(tmp_path / 'f30k' / 'images'),
-                     batch_size=4, img_res=16)
+                     batch_size=4, img_res=16, pair_batches=0)   # f30k has no training pairs
     b = next(iter(build_train_loader(cfg, tok, split='test')))
     assert b['images'].shape == (4, 3, 16, 16) and b['input_ids'].shape[0] == 4
     split, il, cl = build_eval_loaders(cfg, 'test', tok, batch_size=10)
@@ -396,7 +396,7 @@ def mine(tmp_path):
 
 def test_user_dataset_reads_and_loads(mine, tok):
     root, spec = mine
-    cfg = get_config('cpu', dataset='mine', data_path=str(root), batch_size=6, img_res=16)
+    cfg = get_config('cpu', dataset='mine', data_path=str(root), batch_size=6, img_res=16, pair_batches=0)
     assert image_folder(cfg) == root / 'mine' / 'images' and spec.augmentation == TrainAugmentation()
     s = read_split(root, 'mine', 'train')
     assert (s.captions_per_image, s.n_images, s.n_captions, s.caption_img_ids[:4]) == (3, 8, 24, [0, 0, 0, 1])
