@@ -19,7 +19,7 @@ from .metrics import evaluate_sims, recall_ci95
 # %% auto #0
 __all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
            'shard_loader', 'score_split', 'pair_block_scores', 'minimal_pair_entries', 'minimal_pair_metrics',
-           'evaluate_minimal_pairs', 'evaluate_split']
+           'probe_pair_blocks', 'evaluate_minimal_pairs', 'evaluate_split']
 
 # %% ../nbs/75_evaluation.ipynb #518e780c
 def model_device(model: nn.Module) -> torch.device:
@@ -133,9 +133,9 @@ def minimal_pair_metrics(sims, split, data_path, dataset: str) -> dict:
     except FileNotFoundError: return {}
     return minimal_pair_entries(minimal_pair_report(pair_blocks(sims, split, pairs), split, pairs))
 
-def evaluate_minimal_pairs(model: nn.Module, cfg, probe_split: str, tokenizer=None, progress: bool = True,
-                           batch_size: int | None = None, pairs_per_call: int = 8) -> dict:
-    "The `minimal_pair_report` of a probe split of `cfg`'s dataset: encoded once, only the within-pair blocks scored."
+def probe_pair_blocks(model: nn.Module, cfg, probe_split: str, tokenizer=None, progress: bool = True,
+                      batch_size: int | None = None, pairs_per_call: int = 8) -> tuple[np.ndarray, object, list[dict]]:
+    "The (P, 2, 2, k) pair blocks of a probe split of `cfg`'s dataset (encoded once, only the blocks scored), its split and pairs."
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     data, image_loader, caption_loader = build_eval_loaders(cfg, probe_split, tokenizer, batch_size)
     pairs = load_minimal_pairs(cfg.data_path, cfg.dataset, probe_split)
@@ -144,7 +144,12 @@ def evaluate_minimal_pairs(model: nn.Module, cfg, probe_split: str, tokenizer=No
     cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
     blocks = pair_block_scores(model.cross_net, img_embs, cap_embs, cap_lens, rows_a, rows_b, data.captions_per_image,
                                pairs_per_call, progress)
-    return minimal_pair_report(blocks, data, pairs)
+    return blocks, data, pairs
+
+def evaluate_minimal_pairs(model: nn.Module, cfg, probe_split: str, tokenizer=None, progress: bool = True,
+                           batch_size: int | None = None, pairs_per_call: int = 8) -> dict:
+    "The `minimal_pair_report` of a probe split of `cfg`'s dataset (`probe_pair_blocks`, scored per kind with intervals)."
+    return minimal_pair_report(*probe_pair_blocks(model, cfg, probe_split, tokenizer, progress, batch_size, pairs_per_call))
 
 def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: bool = True,
                    batch_size: int | None = None, shard_size: int | None = None) -> tuple[dict, torch.Tensor]:

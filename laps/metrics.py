@@ -14,9 +14,9 @@ from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'RECALL_CI_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'retrieval_metrics_naive', 'evaluate_sims', 'recall_hits', 'recall_ci95', 'format_metrics',
-           'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims', 'load_sims_metadata', 'ensemble_sims',
-           'ensemble_protocol']
+           'retrieval_metrics_naive', 'evaluate_sims', 'recall_hits', 'protocol_recall_hits', 'recall_ci95',
+           'format_metrics', 'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims', 'load_sims_metadata',
+           'ensemble_sims', 'ensemble_protocol']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -125,25 +125,31 @@ def recall_hits(sims, captions_per_image: int = 5, chunk_size: int = 256) -> np.
     h = 100.0 * np.stack(cols, axis=1).astype(np.float64)
     return np.concatenate([h, h.sum(axis=1, keepdims=True)], axis=1)
 
+def protocol_recall_hits(sims, dataset: str,  # a registered dataset: its spec gives the protocol
+                         captions_per_image: int | None = None, fold_size: int | None = None,  # None: the dataset's
+                         full_pass: bool = False,  # True: over the whole split (COCO's 5K pass) even where the protocol folds
+                         chunk_size: int = 256) -> np.ndarray:
+    "(n_images, 7) `recall_hits` by the dataset's protocol (each image within its fold where it has folds): their mean is `evaluate_sims`."
+    spec = get_dataset(dataset)
+    cpi = spec.captions_per_image if captions_per_image is None else captions_per_image
+    f = None if full_pass else (spec.protocol.fold_size if fold_size is None else fold_size)
+    s = _as_tensor(sims)
+    _check_sims(s, cpi)
+    if f is None: return recall_hits(s, cpi, chunk_size)
+    if s.shape[0] % f: raise ValueError(f"the {dataset} protocol scores folds of fold_size={f} images and needs "
+                                        f"a multiple of {f} images, got {s.shape[0]}")
+    return np.concatenate([recall_hits(s[a:a + f, a * cpi:(a + f) * cpi], cpi, chunk_size) for a in range(0, s.shape[0], f)])
+
 def recall_ci95(sims, dataset: str,  # a registered dataset: its spec gives the protocol
                 captions_per_image: int | None = None, fold_size: int | None = None,  # None: the dataset's
                 n_resamples: int = 2000, seed: int = 0, chunk_size: int = 256) -> dict[str, list[float]]:
     "{'<key>_ci95': [lo, hi]} for `RECALL_CI_KEYS` by a percentile bootstrap over images (with their captions), by the dataset's protocol."
     spec = get_dataset(dataset)
-    cpi = spec.captions_per_image if captions_per_image is None else captions_per_image
     fold = spec.protocol.fold_size if fold_size is None else fold_size
-    s = _as_tensor(sims)
-    _check_sims(s, cpi)
-    passes = [('', None)] if fold is None else [('', fold)] + ([(spec.protocol.full_pass_prefix, None)]
-                                                              if spec.protocol.full_pass_prefix else [])
+    passes = [('', False)] + ([(spec.protocol.full_pass_prefix, True)] if fold is not None and spec.protocol.full_pass_prefix else [])
     out = {}
-    for prefix, f in passes:
-        if f is None: hits = recall_hits(s, cpi, chunk_size)
-        else:
-            if s.shape[0] % f: raise ValueError(f"the {dataset} protocol scores folds of fold_size={f} images and needs "
-                                                f"a multiple of {f} images, got {s.shape[0]}")
-            hits = np.concatenate([recall_hits(s[a:a + f, a * cpi:(a + f) * cpi], cpi, chunk_size)
-                                   for a in range(0, s.shape[0], f)])
+    for prefix, full in passes:
+        hits = protocol_recall_hits(sims, dataset, captions_per_image, fold_size, full, chunk_size)
         ci = bootstrap_ci(hits, n_resamples, seed)
         out.update({f'{prefix}{k}_ci95': [float(lo), float(hi)] for k, (lo, hi) in zip(RECALL_CI_KEYS, ci)})
     return out
