@@ -2,26 +2,28 @@
 import json
 import pytest
 from laps.bench import run_bench, bench_cli
+from laps.config import get_config
 from laps.registry import SIMILARITY_METHODS
 
 BASELINES = [m for m in SIMILARITY_METHODS.names() if not SIMILARITY_METHODS.get(m).slims_patches]
+C = get_config('cpu').embed_size   # the cpu preset's joint embedding width
 
 
 @pytest.mark.parametrize('method', BASELINES)
 def test_bench_runs_a_baseline_at_cpu_preset_shapes(method):
     r = run_bench(preset='cpu', similarity=method, n_images=16, n_texts=24, ref_texts=4, train_batch=8,
                   ref_train_texts=4, gemm_n=256, log=lambda *a: None)
-    assert r['similarity'] == method and r['embed_size'] == 256 and r['tokens_per_image'] == 65
+    assert r['similarity'] == method and r['embed_size'] == C and r['tokens_per_image'] == 65
     assert r['eval_pairs_per_s_fast'] > 0 and r['eval_pairs_per_s_reference'] > 0 and r['train_seconds_fast'] > 0
     assert r['max_abs_diff'] <= 1e-5 and r['train_max_abs_diff'] <= 1e-5
     M, L = SIMILARITY_METHODS.get(method).aligned_tokens(64, r['mean_caption_len'], True)   # [CLS] + 64 patches
-    assert r['flops_per_pair_fast'] == r['flops_per_pair_reference'] == pytest.approx(2 * M * L * 256)
+    assert r['flops_per_pair_fast'] == r['flops_per_pair_reference'] == pytest.approx(2 * M * L * C)
 
 
 def test_bench_cli_similarity_choices_come_from_the_registry(capsys):
     assert bench_cli(['--preset', 'cpu', '--similarity', 'global', '--images', '8', '--texts', '8', '--ref-texts', '2',
                       '--no-train', '--json']) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out['similarity'] == 'global' and out['flops_per_pair_fast'] == 2 * 256       # one cosine per pair
+    assert out['similarity'] == 'global' and out['flops_per_pair_fast'] == 2 * C       # one cosine per pair
     assert bench_cli(['--similarity', 'nope']) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err

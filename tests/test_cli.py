@@ -220,10 +220,10 @@ def _assert_metrics(got: dict, expected: dict):
 
 @pytest.fixture(scope='module')
 def synthetic_run(tmp_path_factory):
-    "A tiny synthetic folder (its test split carries minimal pairs) and a run folder holding a tiny untrained model."
+    "A tiny synthetic folder (its test split is scored with the test probes, one pair per kind) and a run folder holding a tiny untrained model."
     from laps.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('synthetic_run')
-    generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12)
+    generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12, dev_probe_pairs=1, test_probe_pairs=1)
     text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
     vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
     torch.manual_seed(0)
@@ -242,9 +242,10 @@ def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run):
     m = json.loads(out.stdout)
     assert m['rsum_ci95'][0] <= m['rsum'] <= m['rsum_ci95'][1] and 'i2t_r1_ci95' in m
     mp = m['minimal_pairs']
-    kinds = sorted({p['kind'] for p in json.loads((synthetic_run.parent / 'data' / 'synthetic' /
-                                                   'test_minimal_pairs.json').read_text())})
-    assert (mp['split'], sorted(mp['kinds']), mp['overall']['n_pairs']) == ('test', kinds, 6)
+    probes = json.loads((synthetic_run.parent / 'data' / 'synthetic' / 'test_probes_minimal_pairs.json').read_text())
+    kinds = sorted({p['kind'] for p in probes})
+    assert (mp['split'], sorted(mp['kinds']), mp['overall']['n_pairs']) == ('test_probes', kinds, len(probes))
+    assert len(kinds) == 7 and len(probes) == 7                                  # every kind of the generator, one pair each
     for row in (mp['overall'], *mp['kinds'].values(), mp['bow']['overall'], *mp['bow']['kinds'].values()):
         for s in SCORES: assert row[f'{s}_ci95'][0] <= row[s] <= row[f'{s}_ci95'][1]
     assert json.loads((synthetic_run / 'metrics_test.json').read_text()) == m     # the run records the same

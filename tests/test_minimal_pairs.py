@@ -88,7 +88,8 @@ def test_bow_oracle_on_aligned_captions():
 
 @pytest.fixture(scope='module')
 def probe_data(tmp_path_factory):
-    "A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes)."
+    """A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes),
+    and as dataset `ownpairs`, which declares no probe splits (its splits' own pairs files are scored)."""
     from laps.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('probe')
     generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16, dev_probe_pairs=1, test_probe_pairs=1)
@@ -97,9 +98,11 @@ def probe_data(tmp_path_factory):
     for split in ('dev', 'test'):
         for ext in ('caps.txt', 'ids.txt', 'minimal_pairs.json'): shutil.copy(d / f'{split}_{ext}', d / f'{split}_probes_{ext}')
         (d / f'{split}_minimal_pairs.json').unlink()
+    shutil.copytree(root / 'synthetic', root / 'ownpairs')
     register_dataset(DatasetSpec('probetoy', probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}))
+    register_dataset(DatasetSpec('ownpairs'))
     yield root
-    DATASETS.unregister('probetoy')
+    DATASETS.unregister('probetoy'); DATASETS.unregister('ownpairs')
 
 
 def _tiny_model_cfg(root, dataset):
@@ -128,11 +131,11 @@ def test_probe_evaluation_equals_the_full_matrix(probe_data):
     assert metrics['minimal_pair_i2t'] == full['overall']['i2t'] and metrics['minimal_pair_n_pairs'] == 8
     for g in (1, 3):
         assert evaluate_minimal_pairs(model, cfg, 'test_probes', progress=False, pairs_per_call=g) == full
-    # the plain synthetic folder: the split's own pairs file, scored from its matrix, in the same structure
-    m2, s2 = evaluate_split(model, cfg.replace(dataset='synthetic'), 'test', progress=False)
+    # a dataset without probe splits: the split's own pairs file, scored from its matrix, in the same structure
+    m2, s2 = evaluate_split(model, cfg.replace(dataset='ownpairs'), 'test', progress=False)
     assert m2['minimal_pairs']['split'] == 'test' and sorted(m2['minimal_pairs']) == sorted(full)
-    s_split = read_split(probe_data, 'synthetic', 'test')
-    assert {k: v for k, v in minimal_pair_metrics(s2, s_split, probe_data, 'synthetic').items()} == \
+    s_split = read_split(probe_data, 'ownpairs', 'test')
+    assert {k: v for k, v in minimal_pair_metrics(s2, s_split, probe_data, 'ownpairs').items()} == \
         {k: v for k, v in m2.items() if k.startswith('minimal_pair')}
 
 
