@@ -84,8 +84,9 @@ def _check_same_items(runs: dict[str, list[ItemOutcomes]]) -> None:
 def compare_runs(runs: dict[str, list[ItemOutcomes]],  # configuration -> the outcomes of each of its seeds
                  baseline: str | None = None,  # the configuration every other is compared with (None: no differences)
                  metrics: list[str] | None = None,  # None: `default_metrics`
-                 n_resamples: int = 2000, seed: int = 0, level: float = 0.95):
-    "A long DataFrame: config, metric, n_seeds, mean, sd, seeds, ci_lo, ci_hi, diff, diff_lo, diff_hi, significant."
+                 n_resamples: int = 2000, seed: int = 0, level: float = 0.95,
+                 min_items: int = 20):  # fewer items than this: no difference is marked significant (the percentile bootstrap under-covers)
+    "A long DataFrame: config, metric, n_items, n_seeds, mean, sd, seeds, ci_lo, ci_hi, and with a baseline: baseline, diff, diff_lo, diff_hi, significant."
     import pandas as pd
     if not runs: raise ValueError("compare_runs: no configurations given")
     _check_same_items(runs)
@@ -98,14 +99,14 @@ def compare_runs(runs: dict[str, list[ItemOutcomes]],  # configuration -> the ou
             cols = np.stack([metric_items(o, m) for o in outs])                 # (seeds, n)
             vals = cols.mean(axis=1)
             lo, hi = bootstrap_ci(cols.mean(axis=0), n_resamples, seed, level)
-            row = dict(config=name, metric=m, n_seeds=len(outs), mean=float(vals.mean()),
+            row = dict(config=name, metric=m, n_items=cols.shape[1], n_seeds=len(outs), mean=float(vals.mean()),
                        sd=float(vals.std(ddof=1)) if len(vals) > 1 else float('nan'), seeds=[float(v) for v in vals],
                        ci_lo=float(lo), ci_hi=float(hi))
             if baseline is not None:
                 base = np.stack([metric_items(o, m) for o in runs[baseline]])
                 d, (dlo, dhi) = paired_diff_ci(cols, base, n_resamples, seed, level)
-                row.update(diff=float(d), diff_lo=float(dlo), diff_hi=float(dhi),
-                           significant=bool(name != baseline and (dlo > 0 or dhi < 0)))
+                row.update(baseline=baseline, diff=float(d), diff_lo=float(dlo), diff_hi=float(dhi),
+                           significant=bool(name != baseline and cols.shape[1] >= min_items and (dlo > 0 or dhi < 0)))
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -123,8 +124,7 @@ def comparison_table(df, metrics: list[str] | None = None, digits: int = 1):
             r = g.loc[m]
             row[m] = f"{r['mean']:.{digits}f}" + ('' if np.isnan(r['sd']) else f" ± {r['sd']:.{digits}f}")
             if 'diff' in g:
-                is_base = r['diff'] == 0 and r['diff_lo'] == 0 and r['diff_hi'] == 0 and not r['significant']
-                row[f'Δ {m}'] = 'baseline' if is_base else (f"{f(r['diff'])} [{f(r['diff_lo'])}, {f(r['diff_hi'])}]"
+                row[f'Δ {m}'] = 'baseline' if name == r['baseline'] else (f"{f(r['diff'])} [{f(r['diff_lo'])}, {f(r['diff_hi'])}]"
                                                              + (' *' if r['significant'] else ''))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -13,9 +13,9 @@ from .atomic import write_json_atomic
 from .provenance import git_commit
 
 # %% auto #0
-__all__ = ['REPORTS_DIR', 'PROVENANCE_KEYS', 'ABLATIONS', 'code_commit', 'train_command', 'run_provenance', 'run_finished',
-           'train_or_reuse', 'run_tag', 'ensure_synthetic', 'SplitEmbeddings', 'encode_split', 'split_metrics',
-           'read_train_log']
+__all__ = ['REPORTS_DIR', 'PROVENANCE_KEYS', 'RELEASED_FLAGS', 'ABLATIONS', 'code_commit', 'train_command', 'run_provenance',
+           'run_finished', 'train_or_reuse', 'run_tag', 'ensure_synthetic', 'SplitEmbeddings', 'encode_split',
+           'split_metrics', 'RunEvaluation', 'evaluate_run', 'read_train_log']
 
 # %% ../nbs/92_report_runs.ipynb #487e6f2f
 REPORTS_DIR = 'reports'  # the committed reports: `laps report` rewrites them, so their changes do not make the code dirty
@@ -100,27 +100,32 @@ def train_or_reuse(cfg: LapsConfig, command: list[str], *, retrain: bool = False
     return dict(run_provenance(run_dir), reused=False)
 
 # %% ../nbs/92_report_runs.ipynb #baefb236
-ABLATIONS: dict[str, dict] = {
+RELEASED_FLAGS = dict(use_cls_as_glob_embd=0, use_token_selection=0, token_selection_ratio=1.0, similarity_calc_method='max',
+                      use_learnable_temp=0)  # the released LAPS's cross-modal flags (spec defaults)
+
+ABLATIONS: dict[str, dict] = {name: dict(RELEASED_FLAGS, **delta) for name, delta in {
+    'global': dict(similarity_calc_method='global'),    # baseline: pooled embeddings, no patch-word alignment
+    'dense': dict(similarity_calc_method='dense'),      # baseline: patch-word max over all patches, no selection, no aggregation
     'released': dict(),
     'cls': dict(use_cls_as_glob_embd=1),
     'token_selection': dict(use_token_selection=1, token_selection_ratio=0.8),
     'attn': dict(similarity_calc_method='attn'),
     'thres': dict(similarity_calc_method='thres'),
     'learnable_temp': dict(similarity_calc_method='attn', use_learnable_temp=1),
-    'final': dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8, similarity_calc_method='attn',
-                  use_learnable_temp=0),
-}
+    'final': dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8, similarity_calc_method='attn'),
+}.items()}
 
 def run_tag(dataset: str, num_epochs: int, batch_size: int, seed: int, n_train: int | None = None) -> str:
     "A folder name for one data set + budget + seed, so runs of other budgets never collide."
     return f"{dataset}{'' if n_train is None else f'-n{n_train}'}-e{num_epochs}-b{batch_size}-s{seed}"
 
-def ensure_synthetic(data_root, n_train: int, n_dev: int, n_test: int, seed: int = 0) -> str:
-    "Generate (once) a synthetic set of this size under `<data_root>/<size tag>/synthetic`; returns its data_path."
+def ensure_synthetic(data_root, n_train: int, n_dev: int, n_test: int, seed: int = 0,
+                     dev_probe_pairs: int = 20, test_probe_pairs: int = 50) -> str:
+    "Generate (once) a synthetic set of this size (probe pairs per kind included) under `<data_root>/<size tag>/synthetic`; returns its data_path."
     from laps.synthetic import generate_synthetic
-    data_path = Path(data_root) / f'n{n_train}-{n_dev}-{n_test}-s{seed}'
+    data_path = Path(data_root) / f'n{n_train}-{n_dev}-{n_test}-p{dev_probe_pairs}-{test_probe_pairs}-s{seed}'
     generate_synthetic(data_path / 'synthetic', seed=seed, n_train=n_train, n_dev=n_dev, n_test=n_test,
-                       dev_probe_pairs=20, test_probe_pairs=50)  # probe pairs per kind: small, the reports score the test split's own pairs
+                       dev_probe_pairs=dev_probe_pairs, test_probe_pairs=test_probe_pairs)
     return str(data_path)
 
 # %% ../nbs/92_report_runs.ipynb #c1b7dd9d
@@ -155,6 +160,52 @@ def split_metrics(cross_net, emb: SplitEmbeddings, cfg: LapsConfig) -> tuple[dic
     metrics.update(minimal_pair_metrics(sims, emb.data, cfg.data_path, cfg.dataset))
     timing = dict(pairs=sims.numel(), seconds=seconds, pairs_per_s=sims.numel() / seconds, threads=torch.get_num_threads())
     return metrics, sims, timing
+
+# %% ../nbs/92_report_runs.ipynb #bf4531ff
+@dataclass
+class RunEvaluation:
+    "A trained run scored on a split: its metrics, similarity timing and per-item outcomes."
+    metrics: dict
+    timing: dict
+    outcomes: object  # laps.comparisons.ItemOutcomes
+
+def _eval_stamp(run_dir: Path, split: str) -> dict:
+    state = run_dir / 'checkpoint_best' / 'trainer_state.json'
+    return dict(split=split, commit=code_commit(), checkpoint=state.read_text() if state.is_file() else None)
+
+def evaluate_run(run_dir, split: str, device: str | None = None, cache: bool = True) -> RunEvaluation:
+    "Metrics, timing and `ItemOutcomes` of `run_dir`'s best checkpoint on `split` (probe pairs included); cached in the run directory."
+    from laps.checkpoint import load_any_checkpoint
+    from laps.comparisons import ItemOutcomes, item_outcomes
+    from laps.evaluation import minimal_pair_entries, probe_pair_blocks
+    from laps.minimal_pairs import load_minimal_pairs, minimal_pair_report, pair_blocks, probe_split
+    from laps.training import resolve_device
+    run_dir = Path(run_dir)
+    meta_path, npz_path = run_dir / f'report_eval_{split}.json', run_dir / f'report_eval_{split}.npz'
+    stamp = _eval_stamp(run_dir, split)
+    if cache and meta_path.is_file() and npz_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get('stamp') == stamp and stamp['commit'] is not None and not stamp['commit'].endswith('+dirty'):
+            return RunEvaluation(meta['metrics'], meta['timing'], ItemOutcomes.load(npz_path))
+    model, cfg, _ = load_any_checkpoint(run_dir)
+    model.to(resolve_device(device or cfg.device, cfg.gpu_id)).eval()
+    emb = encode_split(model, cfg, split)
+    metrics, sims, timing = split_metrics(model.cross_net, emb, cfg)
+    probe = probe_split(cfg.dataset, split)
+    blocks, kinds = None, None
+    if probe is not None:
+        blocks, pdata, pairs = probe_pair_blocks(model, cfg, probe, progress=False)
+        metrics.update(minimal_pair_entries(minimal_pair_report(blocks, pdata, pairs)))
+    else:
+        try: pairs = load_minimal_pairs(cfg.data_path, cfg.dataset, emb.data.name)
+        except FileNotFoundError: pairs = None
+        if pairs: blocks = pair_blocks(sims, emb.data, pairs)
+    if blocks is not None: kinds = [p['kind'] for p in pairs]
+    outcomes = item_outcomes(sims, cfg.dataset, blocks, kinds)
+    if cache:
+        outcomes.save(npz_path)
+        write_json_atomic(meta_path, dict(stamp=stamp, metrics=metrics, timing=timing), indent=1)
+    return RunEvaluation(metrics, timing, outcomes)
 
 # %% ../nbs/92_report_runs.ipynb #f56b8be9
 def read_train_log(run_dir):

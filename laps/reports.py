@@ -28,16 +28,17 @@ class ReportSpec:
     def output_name(self) -> str: return Path(self.notebook).name
 
 _QUICK_MODEL = dict(overrides={'freeze_text_layers': -1})              # quick runs: no text backward (pipeline check only)
-_TINY_DATA = dict(n_train=32, n_dev=10, n_test=20, num_epochs=1, batch_size=16, **_QUICK_MODEL)
+_TINY_DATA = dict(n_train=32, n_dev=10, n_test=20, dev_probe_pairs=1, test_probe_pairs=2, num_epochs=1, batch_size=16,
+                  val_step=5, seeds=[0, 1], **_QUICK_MODEL)  # two seeds: the quick run exercises the seed statistics
 
 REPORTS: dict[str, ReportSpec] = {s.name: s for s in (
-    ReportSpec('ablation', 'reports/src/10_ablation.ipynb', 'Ablation: the released LAPS, each improvement alone, the final framework',
-               quick=dict(_TINY_DATA)),
+    ReportSpec('ablation', 'reports/src/10_ablation.ipynb', 'Ablation: baselines, the released LAPS, each improvement alone, the final framework',
+               quick=dict(_TINY_DATA, configs=['global', 'dense', 'released', 'final'])),
     ReportSpec('curves', 'reports/src/20_curves.ipynb', 'Training curves of the ablation runs'),
     ReportSpec('patches', 'reports/src/30_patches.ipynb', 'Patch selection: kept, fused and aggregated patches',
                quick=dict(n_images=2, coverage_images=10)),
-    ReportSpec('efficiency', 'reports/src/40_efficiency.ipynb', 'Efficiency: rsum and similarity throughput vs sparse_ratio and aggr_ratio',
-               quick=dict(_TINY_DATA, train_sparse_ratios=[0.3], train_aggr_ratios=[0.2],
+    ReportSpec('efficiency', 'reports/src/40_efficiency.ipynb', 'Efficiency: rsum, minimal pairs and similarity throughput vs sparse_ratio and aggr_ratio',
+               quick=dict(_TINY_DATA, train_sparse_ratios=[0.5], train_aggr_ratios=[0.2],
                           eval_sparse_ratios=[0.3, 0.5])),
     ReportSpec('quirks', 'reports/src/50_quirks.ipynb', "The released code's quirks, measured",
                quick=dict(n_train=16, n_steps=3, batch_size=8, **_QUICK_MODEL)),
