@@ -61,8 +61,8 @@ def test_report_cli_rejects_bad_input(capsys):
 
 def test_report_cli_parses_values_like_papermill():
     a = R.parse_report_args(['efficiency', '-p', 'train_aggr_ratios', '[0.2, 0.6]', '-p', 'retrain', 'True',
-                             '-p', 'data_path', 'None', '-p', 'base', 'final', '-p', 'seed', '3', '--out_dir', '/tmp/r'])
-    assert a.params == dict(train_aggr_ratios=[0.2, 0.6], retrain=True, data_path=None, base='final', seed=3)
+                             '-p', 'data_path', 'None', '-p', 'base', 'final', '-p', 'seeds', '[3, 4]', '--out_dir', '/tmp/r'])
+    assert a.params == dict(train_aggr_ratios=[0.2, 0.6], retrain=True, data_path=None, base='final', seeds=[3, 4])
     assert a.out_dir == '/tmp/r' and not a.quick
     p = R.resolve_params('efficiency', a.params, out_dir=a.out_dir)
     assert p['out_dir'] == '/tmp/r'
@@ -72,7 +72,8 @@ def test_report_cli_parses_values_like_papermill():
 def test_report_list(capsys):
     assert main(['report', '--list']) == 0
     out = capsys.readouterr().out
-    assert 'ablation:' in out and "configs = ['released', 'cls', 'token_selection', 'attn', 'thres', 'learnable_temp', 'final']" in out
+    assert 'ablation:' in out and "seeds = [0, 1, 2]" in out and "baseline = 'released'" in out
+    assert "configs = ['global', 'dense', 'released', 'cls', 'token_selection', 'attn', 'thres', 'learnable_temp', 'final']" in out
 
 
 def test_source_notebooks_import_the_split_modules():
