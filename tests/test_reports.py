@@ -198,3 +198,52 @@ def test_quick_quirks_report_end_to_end(tmp_path):
     assert abs(float(rows['released_sparse0.3']['ratio_loss_max']) - 2 * (20 / 64 - 0.3) ** 2) < 1e-6
     readme = (out / 'README.md').read_text()
     assert '[50_quirks.ipynb](50_quirks.ipynb)' in readme and 'Not generated yet: `laps report ablation`' in readme
+
+
+def _released_layout(root, n_train=16, n_dev=6, n_test=10):
+    "A tiny Flickr30K folder in the released caption-file layout (real test captions, generated JPEGs in a separate image folder)."
+    from PIL import Image
+    shared = ROOT.parent / 'shared' / 'data' / 'f30k'
+    if not shared.is_dir(): shared = Path('/work/shared/data/f30k')
+    caps = (shared / 'test_caps.txt').read_text().splitlines()
+    d, images = root / 'data' / 'f30k', root / 'flickr_images'
+    d.mkdir(parents=True); images.mkdir()
+    rng, mapping, start = np.random.default_rng(0), {}, 0
+    for split, n in (('train', n_train), ('dev', n_dev), ('test', n_test)):
+        ids = list(range(start, start + n))
+        (d / f'{split}_caps.txt').write_text(''.join(c + '\n' for c in caps[5 * start:5 * (start + n)]))
+        (d / f'{split}_ids.txt').write_text(''.join(f'{i}\n' for i in ids for _ in range(5)))
+        for i in ids:
+            mapping[str(i)] = f'{1000 + i}.jpg'
+            Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(images / mapping[str(i)])
+        start += n
+    (d / 'id_mapping.json').write_text(json.dumps(mapping))
+    return root / 'data', images
+
+
+@pytest.mark.slow
+def test_report_notebooks_run_unchanged_on_the_released_caption_layout(tmp_path):
+    "The ablation, curves, patches and efficiency notebooks on a Flickr30K-layout folder, by parameters only: recall tables, no minimal pairs."
+    data_path, images = _released_layout(tmp_path)
+    params = dict(dataset='f30k', data_path=str(data_path), f30k_img_path=str(images), runs_dir=str(tmp_path / 'runs'),
+                  configs=['released', 'final'], seeds=[0, 1], overrides={'freeze_text_layers': -1, 'pair_batches': 0},
+                  batch_size=8, val_step=0, n_resamples=200)
+    out = tmp_path / 'out'
+    R.run_report('ablation', params, quick=True, out_dir=out, index=False)
+    rows = list(__import__('csv').DictReader(open(out / 'ablation' / 'ablation.csv')))
+    assert [r['config'] for r in rows] == ['released', 'final'] and all(r['n_seeds'] == '2' for r in rows)
+    assert not (out / 'ablation' / 'minimal_pairs.md').exists()           # Flickr30K has no minimal pairs
+    info = json.loads((out / 'ablation' / 'runs.json').read_text())
+    assert info['dataset'] == 'f30k' and info['split'] == 'test' and set(info['configs']) == {'released', 'final'}
+    for p in info['runs'].values():
+        assert '--dataset f30k' in p['command'] and f'--f30k_img_path {images}' in p['command']
+    long = {(r['config'], r['metric']): r for r in __import__('csv').DictReader(open(out / 'ablation' / 'ablation_long.csv'))}
+    assert set(m for _, m in long) == {'rsum', 'i2t_r1', 't2i_r1'} and long[('released', 'rsum')]['diff'] == '0.0'
+    R.run_report('curves', {}, quick=True, out_dir=out, index=False)
+    R.run_report('patches', {}, quick=True, out_dir=out, index=False)
+    eff = {k: v for k, v in params.items() if k not in ('configs', 'n_resamples')}
+    R.run_report('efficiency', dict(eff, train_aggr_ratios=[0.4]), quick=True, out_dir=out, index=False)
+    table = list(__import__('csv').DictReader(open(out / 'efficiency' / 'efficiency.csv')))
+    assert table and all(r['seeds'] == '2' for r in table)                # the base setting reuses the ablation's two final runs
+    man = json.loads((out / 'efficiency' / 'manifest.json').read_text())
+    assert all(p['reused'] for p in man['runs'].values())
