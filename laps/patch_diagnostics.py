@@ -8,10 +8,11 @@ import difflib, math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from .lps import n_kept_patches, image_global, text_global, patch_scores, select_patches
+from .lps import n_kept_patches, image_global, text_global, text_globals, patch_scores, select_patches
 
 # %% auto #0
-__all__ = ['object_patches', 'closest_captions', 'patch_selection', 'draw_patch_selection', 'caption_markup']
+__all__ = ['object_patches', 'closest_captions', 'patch_selection', 'draw_patch_selection', 'caption_markup',
+           'selection_rankings', 'kept_change']
 
 # %% ../nbs/96_patch_diagnostics.ipynb #dd655032
 def object_patches(objects: list[dict], img_size: int, img_res: int, n_patches: int) -> np.ndarray:
@@ -117,3 +118,34 @@ def caption_markup(tokens: list[str], kept_words: list[int]) -> str:
         if t.startswith('##') and out: out[-1] += w.replace('##', '')
         else: out.append(w)
     return ' '.join(out)
+
+# %% ../nbs/96_patch_diagnostics.ipynb #e9898701
+@torch.no_grad()
+def selection_rankings(cross_net,  # a CrossNet whose method slims patches (not the global or dense baselines)
+                       img_embs: torch.Tensor,  # (B, T, C) image tokens, prefix tokens first
+                       cap_embs: torch.Tensor,  # (B, L, C) caption tokens of the same rows, padded
+                       lens: torch.Tensor,  # (B,) caption lengths
+                       ) -> dict[str, torch.Tensor]:
+    "Kept-patch masks (B, N) bool of pair b = (image b, caption b): LPS ('score') and the top K of each half of its score ('s_img', 's_txt')."
+    if not cross_net.slims_patches:
+        raise ValueError(f"similarity method {cross_net.similarity_method.name!r} keeps every patch: there is no selection to rank")
+    if not img_embs.shape[0] == cap_embs.shape[0] == lens.shape[0]:
+        raise ValueError(f"selection_rankings needs one caption per image, got {img_embs.shape[0]} images, "
+                         f"{cap_embs.shape[0]} captions and {lens.shape[0]} lengths")
+    cls, X = cross_net.split_image(img_embs)                               # (B,1,C)|None, (B,N,C)
+    B, N, _ = X.shape; K = n_kept_patches(N, cross_net.sparse_ratio)
+    g_img = image_global(cls, X, cross_net.use_cls_as_glob)                # (B, C)
+    g_txt = text_globals(cap_embs, lens.to(cap_embs.device), cross_net.use_cls_as_glob)   # (B, C)
+    rows = [(X[b:b + 1], g_img[b:b + 1], g_txt[b]) for b in range(B)]
+    scores = dict(score=[patch_scores(x, gi, gt) for x, gi, gt in rows],        # each (1, N)
+                  s_img=[patch_scores(x, gi, gi[0]) for x, gi, gt in rows],     # 2 cos(g_img, x): the same ranking
+                  s_txt=[patch_scores(x, gt[None], gt) for x, gi, gt in rows])
+    return {k: select_patches(X, torch.cat(v), K)[2].bool().cpu() for k, v in scores.items()}
+
+def kept_change(a, b) -> np.ndarray:
+    "(B,) share of the kept patches of selections a and b ((B, N) bool, K kept per row) that are not kept by both: 1 - |A ∩ B| / K."
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    if a.shape != b.shape: raise ValueError(f"kept_change: masks of shapes {a.shape} and {b.shape}")
+    k = a.sum(-1)
+    if (k != b.sum(-1)).any() or (k == 0).any(): raise ValueError("kept_change: both selections must keep the same, non-zero number of patches per row")
+    return 1 - (a & b).sum(-1) / k

@@ -36,7 +36,7 @@ REPORTS: dict[str, ReportSpec] = {s.name: s for s in (
                quick=dict(_TINY_DATA, configs=['global', 'dense', 'released', 'final'])),
     ReportSpec('curves', 'reports/src/20_curves.ipynb', 'Training curves of the ablation runs'),
     ReportSpec('patches', 'reports/src/30_patches.ipynb', 'Patch selection: kept, fused and aggregated patches',
-               quick=dict(n_images=2, coverage_images=10)),
+               quick=dict(n_images=2, coverage_images=10, diag_pairs=14, n_resamples=200)),
     ReportSpec('efficiency', 'reports/src/40_efficiency.ipynb', 'Efficiency: rsum, minimal pairs and similarity throughput vs sparse_ratio and aggr_ratio',
                quick=dict(_TINY_DATA, train_sparse_ratios=[0.5], train_aggr_ratios=[0.2],
                           eval_sparse_ratios=[0.3, 0.5])),
