@@ -7,8 +7,8 @@
 #                    the test probes, printing the per-kind minimal-pair table beside the bag-of-words oracle
 #                    (900 s on a fresh clone of the 2-core machine; the measured numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
-#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; estimated 80 min
-#                    on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
+#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 72 min 41 s measured
+#                    at c9200d4 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 #   make check-install  `pip install .` (no extras) into a fresh temporary venv and run `laps` there:
 #                    the runtime needs no dev tools (CI; 159-224 s measured on the shared 2-core machine, about 2.5 min of CPU)
