@@ -61,6 +61,7 @@ class LapsConfig:
     vse_mean_warmup_epochs: int = 1  # epochs that sum over all negatives first
     embedding_warmup_epochs: int = 0  # epoch whose alignment loss ramps up linearly
     loss: str = 'vse'  # vse | trip (distance-weighted triplet)
+    glob_loss_weight: float = 0.0  # weight of the global head's auxiliary loss (laps.global_head): > 0 trains a shortlist embedding for `laps index`; 0: no head, the released training exactly
     # --- optimisation
     num_epochs: int = 30
     batch_size: int = 128  # per process under torchrun
@@ -100,6 +101,8 @@ class LapsConfig:
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
         for name in ('embed_size', 'batch_size', 'num_patches', 'img_res', 'max_word', 'shard_size'):
             if int(getattr(self, name)) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.glob_loss_weight, (int, float)) and self.glob_loss_weight >= 0):
+            raise ValueError(f"glob_loss_weight must be a number >= 0, got {self.glob_loss_weight!r}")
         if self.freeze_text_layers < -1:
             raise ValueError(f"freeze_text_layers must be -1 (all), 0 (none) or a layer count, got {self.freeze_text_layers}")
         if self.text_layers < 0:

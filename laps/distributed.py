@@ -163,14 +163,18 @@ class GatherForward(nn.Module):
         super().__init__()
         self.module = model  # the LAPSModel (`.module`, as DDP names its wrapped model)
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, img_ids: torch.Tensor):
-        "Local batch -> sims (W B, W B), score_mask (W B, W B, N), img_ids (W B,) of the gathered batch."
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, img_ids: torch.Tensor) -> dict:
+        "Local batch -> `LAPSModel.train_forward`'s outputs over the gathered batch: sims (W B, W B), score_mask (W B, W B, N), glob_sims, img_ids (W B,)."
         m = self.module
         cap_embs, cap_lens = m.encode_captions(input_ids)                   # (B, L, C), (B,): this rank's captions
         img_embs = all_gather_with_grad(m.encode_images(pixel_values))      # (W B, T, C): every rank's images
         sims, score_mask = m.cross_net(img_embs, cap_embs, cap_lens)        # (W B, B), (B, W B, N)
         sims = all_gather_with_grad(sims.t()).t()                           # (W B, W B)
-        return sims, None if score_mask is None else all_gather_with_grad(score_mask), all_gather_cat(img_ids)
+        glob = None
+        if m.has_global_head:                                               # the head's cosines, gathered the same way
+            glob = all_gather_with_grad((m.global_images(img_embs) @ m.global_captions(cap_embs, cap_lens).t()).t()).t()
+        return dict(sims=sims, score_mask=None if score_mask is None else all_gather_with_grad(score_mask),
+                    glob_sims=glob, img_ids=all_gather_cat(img_ids))
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     "`DistributedDataParallel(GatherForward(model))` on the process's device; the model itself in one process."

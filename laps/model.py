@@ -9,6 +9,7 @@ from torch import nn
 from .config import LapsConfig
 from .encoders import ImageEncoder, TextEncoder, build_backbone, adapter_for
 from .crossnet import CrossNet
+from .global_head import GlobalHead, fallback_images, fallback_captions, global_sims
 from .pretrained import LapsHubMixin
 
 # %% auto #0
@@ -55,6 +56,8 @@ class LAPSModel(nn.Module, LapsHubMixin):
         self.img_enc = ImageEncoder(vision, cfg.embed_size)
         self.txt_enc = TextEncoder(text, cfg.embed_size)
         self.cross_net = CrossNet(cfg, num_prefix_tokens=self.img_enc.num_prefix_tokens)
+        if cfg.glob_loss_weight > 0:                                    # weight 0: no head, the released model exactly
+            self.glob_head = GlobalHead(cfg.embed_size, self.img_enc.num_prefix_tokens)
         keep_text_layers(self.txt_enc.bert, cfg.text_layers)
         freeze_text_layers(self.txt_enc.bert, cfg.freeze_text_layers)
 
@@ -71,6 +74,28 @@ class LAPSModel(nn.Module, LapsHubMixin):
     def encode_captions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(B, L) ids padded with the text backbone's pad id -> token embeddings (B, L, C) and lengths n_word (B,)."
         return self.txt_enc(input_ids), (input_ids != self.txt_enc.pad_token_id).sum(dim=1)
+
+    @property
+    def has_global_head(self) -> bool: return hasattr(self, 'glob_head')
+
+    def global_images(self, img_embs: torch.Tensor) -> torch.Tensor:
+        "Image tokens (B, T, C) -> unit shortlist embeddings (B, C): the global head's, else the mean-pooling fallback."
+        if self.has_global_head: return self.glob_head.embed_images(img_embs)
+        return fallback_images(img_embs, self.img_enc.num_prefix_tokens)
+
+    def global_captions(self, cap_embs: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
+        "Caption tokens (B, L, C) and lengths (B,) -> unit shortlist embeddings (B, C), as `global_images`."
+        if self.has_global_head: return self.glob_head.embed_captions(cap_embs, cap_lens)
+        return fallback_captions(cap_embs, cap_lens)
+
+    def train_forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> dict:
+        "Training outputs: `sims` (B_v, B_t), `score_mask` (B_t, B_v, N) or None, `glob_sims` (B_v, B_t) with a head, else None."
+        cap_embs, cap_lens = self.encode_captions(input_ids)
+        img_embs = self.encode_images(pixel_values)
+        sims, score_mask = self.cross_net(img_embs, cap_embs, cap_lens)
+        glob = (global_sims(self.global_images(img_embs), self.global_captions(cap_embs, cap_lens))
+                if self.has_global_head else None)
+        return dict(sims=sims, score_mask=score_mask, glob_sims=glob)
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
         "Eval mode: sims (B_v, B_t); train mode: (sims, score_mask (B_t, B_v, N)), as `CrossNet`."

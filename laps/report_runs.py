@@ -63,6 +63,7 @@ def _same_config(run_dir: Path, cfg: LapsConfig, ignore=('logger_name',)) -> boo
     try: saved = json.loads((run_dir / 'config.json').read_text())
     except (OSError, ValueError): return False
     want = json.loads(json.dumps(cfg.to_dict()))
+    saved = {**{k: v for k, v in want.items() if k not in saved and v == getattr(LapsConfig, k, object())}, **saved}  # a field added since: its default
     return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in want.items() if k not in ignore}
 
 def run_finished(run_dir) -> bool:

@@ -92,18 +92,24 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     alignment_loss = alignment_loss or make_alignment_loss(cfg)
     model.train()
     if isinstance(model, LAPSModel):
-        sims, score_mask = model(batch['images'], batch['input_ids']); img_ids = batch['img_ids']
-    else: sims, score_mask, img_ids = model(batch['images'], batch['input_ids'], batch['img_ids'])  # all ranks' pairs
-    align = alignment_loss(sims, img_ids.to(sims.device), epoch)
+        out = model.train_forward(batch['images'], batch['input_ids']); img_ids = batch['img_ids']
+    else: out = model(batch['images'], batch['input_ids'], batch['img_ids']); img_ids = out['img_ids']  # all ranks' pairs
+    sims, score_mask, glob_sims = out['sims'], out['score_mask'], out['glob_sims']
+    img_ids = img_ids.to(sims.device)
+    align = alignment_loss(sims, img_ids, epoch)
     warm = loss_warmup_factor(epoch, step, steps_per_epoch, cfg.embedding_warmup_epochs)
     r_loss = sims.new_zeros(()) if score_mask is None else ratio_loss(score_mask, cfg.sparse_ratio, cfg.ratio_weight)   # None: a baseline selects nothing
-    loss = finite_or_zero(align * warm + r_loss)
+    loss = align * warm + r_loss
+    g_loss = None if glob_sims is None else alignment_loss(glob_sims, img_ids, epoch)     # the global head's auxiliary loss
+    if g_loss is not None: loss = loss + cfg.glob_loss_weight * g_loss
+    loss = finite_or_zero(loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = float(nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], cfg.grad_clip))
     tok_sel = getattr(getattr(unwrap_model(model), 'cross_net', None), 'tok_select_net', None)
     optimizer.step()
     return dict(loss=loss.item(), align_loss=align.item(), ratio_loss=r_loss.item(), warmup=warm,
+                glob_loss=float('nan') if g_loss is None else g_loss.item(),
                 grad_norm=grad_norm, max_violation=float(use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation)),
                 attn_mat_grad_norm=_grad_norm(tok_sel.parameters()) if tok_sel is not None else float('nan'),
                 ratio_loss_requires_grad=float(r_loss.requires_grad))

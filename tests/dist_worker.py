@@ -22,7 +22,8 @@ IMPROVED = dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_r
                 use_learnable_temp=0)
 CONFIGS = {'paper': LapsConfig(**TINY),
            'improved': LapsConfig(**TINY, **IMPROVED),
-           'improved_fast': LapsConfig(**{**TINY, 'engine': 'fast'}, **IMPROVED)}
+           'improved_fast': LapsConfig(**{**TINY, 'engine': 'fast'}, **IMPROVED),
+           'improved_global_head': LapsConfig(**{**TINY, 'engine': 'fast', 'glob_loss_weight': 0.5}, **IMPROVED)}
 
 
 def tiny_model(cfg: LapsConfig) -> LAPSModel:

@@ -42,6 +42,9 @@ def test_two_rank_step_equals_one_process(tmp_path):
         assert r['loss'][0] > 1.0 and r['loss'][0] != r['loss'][1]
     for name in ('improved', 'improved_fast'):
         assert ranks[0][name]['attn_mat_grad_norm'] == [0.0, 0.0]       # released text selection: no gradient, DDP copes
+    head, plain = ranks[0]['improved_global_head'], ranks[0]['improved_fast']
+    assert head['n_params_with_grad'] == plain['n_params_with_grad'] + 4   # the global head's two maps learn under DDP
+    assert head['loss'] != plain['loss']                                # its auxiliary loss is in the step
 
 
 def test_two_rank_eval_equals_one_process(tmp_path):
