@@ -10,6 +10,8 @@
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 72 min 41 s measured
 #                    at c9200d4 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
+#   make gpu-check   the CUDA paths in one command (tests/gpu_check.py: engine vs reference and bench on cuda, fp32 and
+#                    bf16 autocast, bf16's effect on test recall, two-stage eval on cuda); only where a GPU is at hand
 #   make check-install  `pip install .` (no extras) into a fresh temporary venv and run `laps` there:
 #                    the runtime needs no dev tools (CI; 159-224 s measured on the shared 2-core machine, about 2.5 min of CPU)
 SHELL := /bin/bash
@@ -22,7 +24,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.laps-installed
 
 .PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick \
-	check-install
+	check-install gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +78,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/laps bench
+
+gpu-check: $(STAMP)
+	$(BIN)/python tests/gpu_check.py
 
 REPORT_ARGS ?=
 reports: $(STAMP)

@@ -22,6 +22,8 @@ _API = {
     'laps.data': ('read_split', 'load_tokenizer', 'build_train_loader', 'build_eval_loaders'),
     'laps.synthetic': ('generate_synthetic',),
     'laps.minimal_pairs': ('minimal_pair_accuracy',),
+    'laps.two_stage': ('evaluate_split_two_stage',),
+    'laps.index': ('Index', 'build_index', 'list_images', 'show_hits'),
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 

@@ -11,7 +11,8 @@ from .registry import DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
 __all__ = ['field_comments', 'add_config_flags', 'config_from_args', 'LapsArgumentParser', 'build_parser', 'cmd_train',
-           'released_runs', 'evaluate_target', 'cmd_eval', 'cmd_convert', 'is_expected_error', 'main']
+           'released_runs', 'evaluate_target', 'cmd_eval', 'cmd_index', 'cmd_search', 'cmd_convert',
+           'is_expected_error', 'main']
 
 # %% ../nbs/97_cli.ipynb #0ff967a8
 def field_comments(cls) -> dict[str, str]:
@@ -103,8 +104,42 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e.add_argument('--ensemble', nargs='+', default=None, metavar='SIMS.npy',
                    help='evaluate the average of saved similarity matrices (no model needed; the protocol comes from '
                         'their .npy.json sidecars, or from --dataset)')
+    e.add_argument('--rerank_topk', type=int, nargs='?', const=20, default=None, metavar='K',
+                   help='two-stage retrieval: shortlist K candidates per query (default K: 20) by the global embedding, re-rank them with '
+                        'LAPS; reports its recall, the shortlist\'s, pairs scored and seconds beside exhaustive scoring '
+                        '(laps.two_stage)')
+    e.add_argument('--exhaustive', type=_parse_bool, default=True, metavar='0|1',
+                   help='with --rerank_topk: also score every pair, for the comparison (default 1)')
     e.add_argument('--json', action='store_true', help='print the metrics as one JSON object')
     e.add_argument('--no_progress', action='store_true')
+    x = sub.add_parser('index', help='encode a gallery once into a search index (FAISS shortlist + fp16 token store)')
+    x.add_argument('target', help='the model: run directory, checkpoint folder or published .pth')
+    x.add_argument('--images', default=None, metavar='FOLDER', help='index every image file under FOLDER (recursively)')
+    x.add_argument('--split', default=None, help="index a split of the model's dataset: its images and its captions")
+    x.add_argument('--captions', default=None, metavar='FILE', help='also index these captions (one per line) for '
+                   'image-to-text search')
+    x.add_argument('--out', required=True, metavar='INDEX', help='index folder to write (or to continue, or --append to)')
+    x.add_argument('--append', action='store_true', help='add the images and captions that INDEX does not hold yet')
+    x.add_argument('--batch_size', type=int, default=64, help='images or captions encoded per batch (default 64)')
+    x.add_argument('--faiss', default='auto', choices=('auto', 'flat', 'hnsw'),
+                   help='FAISS index type; auto: exact up to --exact_max images, HNSW above (default auto)')
+    x.add_argument('--exact_max', type=int, default=50_000, help='largest gallery auto indexes exactly (default 50000)')
+    x.add_argument('--data_path', default=None, help='with --split: override the data folder recorded in the model')
+    x.add_argument('--img_path', default=None, help="with --split: the split's image folder")
+    x.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N (under torchrun: each rank its own)')
+    x.add_argument('--no_progress', action='store_true')
+    s = sub.add_parser('search', help='search an index: text -> images, or --image PATH -> indexed captions')
+    s.add_argument('index', metavar='INDEX', help='index folder (laps index)')
+    s.add_argument('query', nargs='?', default=None, help='the text to search images for')
+    s.add_argument('-k', type=int, default=10, help='results to print (default 10)')
+    s.add_argument('--rerank', type=int, default=100, metavar='K',
+                   help='shortlist candidates re-ranked by LAPS (0: the shortlist order; default 100)')
+    s.add_argument('--image', default=None, metavar='PATH', help='image-to-text: rank the indexed captions for this image')
+    s.add_argument('--shards', nargs='+', default=(), metavar='INDEX',
+                   help='further index folders of the same gallery (same model), searched as one')
+    s.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (default cpu)')
+    s.add_argument('--json', action='store_true', help='print the results as one JSON list')
+    s.add_argument('--grid', default=None, metavar='PNG', help='also save the results as an image grid (laps.index.show_hits)')
     c = sub.add_parser('convert', help='convert a published .pth into a save_pretrained folder')
     c.add_argument('src', help='published LAPS checkpoint (model_best.pth)')
     c.add_argument('out', help='folder to write (config, backbone configs, safetensors weights, model card)')
@@ -194,8 +229,32 @@ def _eval_ensemble(args) -> int:
     print(json.dumps(metrics, sort_keys=True) if args.json else _metrics_text(metrics))
     return 0
 
+def _eval_two_stage(args) -> int:
+    "`laps eval RUN --rerank_topk K`: the two-stage comparison of one run, printed and written to RUN/metrics_<split>_rerank<K>.json."
+    from laps.checkpoint import load_any_checkpoint
+    from laps.datasets import get_dataset
+    from laps.training import resolve_device
+    from laps.two_stage import evaluate_split_two_stage, format_two_stage
+    if not args.target: raise ValueError("--rerank_topk evaluates one run directory, checkpoint folder or .pth: give it")
+    if args.rerank_topk < 1: raise ValueError(f"--rerank_topk must be a positive number of candidates, got {args.rerank_topk}")
+    model, cfg, info = load_any_checkpoint(args.target)
+    cfg = cfg.replace(**_eval_overrides(args))
+    model.cross_net.engine = cfg.engine
+    model.to(resolve_device(cfg.device, cfg.gpu_id))
+    split = args.split or get_dataset(cfg.dataset).test_split
+    m = evaluate_split_two_stage(model, cfg, split, args.rerank_topk, exhaustive=args.exhaustive,
+                                 progress=not (args.no_progress or args.json))
+    m.update(split=split, dataset=cfg.dataset, target=str(args.target))
+    ckpt = Path(info.get('path', ''))
+    if info.get('format') == 'laps' and (ckpt.parent / 'commands.jsonl').is_file():
+        from laps.atomic import write_json_atomic
+        write_json_atomic(ckpt.parent / f'metrics_{split}_rerank{args.rerank_topk}.json', m)
+    print(json.dumps(m, sort_keys=True) if args.json else format_two_stage(m))
+    return 0
+
 def cmd_eval(args) -> int:
     if args.ensemble: return _eval_ensemble(args)
+    if args.rerank_topk is not None: return _eval_two_stage(args)
     if args.target: runs = [Path(args.target)]
     elif args.dataset:                                                  # the released eval.py's command line
         runs = released_runs(args.dataset)
@@ -223,6 +282,57 @@ def cmd_eval(args) -> int:
         print(json.dumps(results[str(runs[0])] if args.target else results, sort_keys=True))
     return 0
 
+def cmd_index(args) -> int:
+    "`laps index`: the gallery of --images / --split (and --captions) into the index folder --out, through `laps.index.build_index`."
+    if bool(args.images) == bool(args.split): raise ValueError("laps index needs one of --images FOLDER or --split SPLIT")
+    if args.batch_size < 1: raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    from laps.checkpoint import load_any_checkpoint
+    from laps.index import build_index, list_images, split_items
+    from laps.distributed import init_distributed, cleanup_distributed
+    images = list_images(args.images) if args.images else []
+    captions = []
+    if args.captions:
+        path = Path(args.captions)
+        if not path.is_file(): raise FileNotFoundError(f"--captions {path}: file not found")
+        captions = [dict(text=t) for t in path.read_text().splitlines() if t.strip()]
+        if not captions: raise ValueError(f"--captions {path}: no captions in it (one per line expected)")
+    model, cfg, _ = load_any_checkpoint(args.target)
+    cfg = cfg.replace(**{k: getattr(args, k) for k in ('data_path', 'img_path', 'device') if getattr(args, k) is not None})
+    if args.split:
+        split_images, split_captions = split_items(cfg, args.split)
+        images, captions = images + split_images, captions + split_captions
+    where = init_distributed(None, cfg.device, cfg.gpu_id)
+    try:
+        model.to(where.device)
+        source = Path(args.target).resolve() if Path(args.target).exists() else args.target   # searchable from any folder
+        m = build_index(model, cfg, args.out, images=images, captions=captions, source=source, append=args.append,
+                        batch_size=args.batch_size, faiss_kind=args.faiss, exact_max=args.exact_max,
+                        progress=not args.no_progress, info=where, command=['laps', *sys.argv[1:]])
+    finally: cleanup_distributed(where)
+    if where.is_main:
+        for kind, e in m['collections'].items():
+            print(f"{args.out}: {e['n']} {kind} ({e['skipped']} skipped), FAISS {e['faiss']['type']}")
+    return 0
+
+def cmd_search(args) -> int:
+    "`laps search`: the best images for a text, or with --image the best indexed captions, from `laps.index.Index`."
+    if (args.query is None) == (args.image is None):
+        raise ValueError('laps search needs a text QUERY, or --image PATH for image-to-text (not both)')
+    from laps.index import Index
+    index = Index.open(args.index, *args.shards, device=args.device)
+    hits = (index.search(args.query, args.k, args.rerank) if args.image is None
+            else index.search_image(args.image, args.k, args.rerank))
+    if args.grid:
+        from laps.index import show_hits
+        show_hits(hits, args.query or str(args.image)).savefig(args.grid, dpi=100)
+    if args.json:
+        print(json.dumps([dict(rank=h.rank, score=h.score, shortlist_score=h.shortlist_score, **h.item) for h in hits]))
+        return 0
+    for h in hits:
+        what = h.item.get('path') or h.item.get('text')
+        print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.shortlist_score:7.4f}  {what}")
+    return 0
+
 def cmd_convert(args) -> int:
     from laps.legacy import convert_checkpoint
     print(f"wrote {convert_checkpoint(args.src, args.out, overwrite=args.overwrite)}")
@@ -240,6 +350,8 @@ def is_expected_error(e: BaseException) -> bool:
     return home is not None and isinstance(e, home.CheckpointError)
 
 def _dispatch(argv: list[str]) -> int:
+    if argv[:1] == ['bench'] and any(a == '--index' or a.startswith('--index=') for a in argv[1:]):
+        from laps.index_bench import index_bench_cli; return index_bench_cli(argv[1:])
     if argv[:1] == ['bench']:
         from laps.bench import bench_cli; return bench_cli(argv[1:])
     if argv[:2] == ['data', 'synthetic']:
@@ -247,7 +359,8 @@ def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ['report']:
         from laps.reports import report_cli; return report_cli(argv[1:])
     args = build_parser(argv[0] if argv else '').parse_args(argv)
-    return {'train': cmd_train, 'eval': cmd_eval, 'convert': cmd_convert}[args.command](args)
+    return {'train': cmd_train, 'eval': cmd_eval, 'convert': cmd_convert, 'index': cmd_index,
+            'search': cmd_search}[args.command](args)
 
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `laps` console script: an expected error is one `laps: error:` line and status 2."

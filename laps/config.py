@@ -62,6 +62,7 @@ class LapsConfig:
     embedding_warmup_epochs: int = 0  # epoch whose alignment loss ramps up linearly
     loss: str = 'vse'  # vse | trip (distance-weighted triplet)
     glob_loss_weight: float = 0.0  # weight of the global head's auxiliary loss (laps.global_head): > 0 trains a shortlist embedding for `laps index`; 0: no head, the released training exactly
+    glob_loss_detach: int = 0  # 1: the auxiliary loss trains the global head only (no gradient into the encoders), so LAPS itself trains exactly as without the head
     # --- optimisation
     num_epochs: int = 30
     batch_size: int = 128  # per process under torchrun
@@ -96,7 +97,7 @@ class LapsConfig:
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         for name in ('use_cls_as_glob_embd', 'use_token_selection', 'use_learnable_temp', 'size_augment', 'pair_batches',
-                     'token_selection_trainable', 'multi_gpu', 'eval', 'save_results'):
+                     'token_selection_trainable', 'multi_gpu', 'eval', 'save_results', 'glob_loss_detach'):
             if getattr(self, name) not in (0, 1, True, False):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
         for name in ('embed_size', 'batch_size', 'num_patches', 'img_res', 'max_word', 'shard_size'):

@@ -170,9 +170,8 @@ class GatherForward(nn.Module):
         img_embs = all_gather_with_grad(m.encode_images(pixel_values))      # (W B, T, C): every rank's images
         sims, score_mask = m.cross_net(img_embs, cap_embs, cap_lens)        # (W B, B), (B, W B, N)
         sims = all_gather_with_grad(sims.t()).t()                           # (W B, W B)
-        glob = None
-        if m.has_global_head:                                               # the head's cosines, gathered the same way
-            glob = all_gather_with_grad((m.global_images(img_embs) @ m.global_captions(cap_embs, cap_lens).t()).t()).t()
+        glob = m.head_sims(img_embs, cap_embs, cap_lens)                    # the global head's cosines (W B, B) or None
+        if glob is not None: glob = all_gather_with_grad(glob.t()).t()      # (W B, W B), gathered the same way
         return dict(sims=sims, score_mask=None if score_mask is None else all_gather_with_grad(score_mask),
                     glob_sims=glob, img_ids=all_gather_cat(img_ids))
 

@@ -93,9 +93,13 @@ class LAPSModel(nn.Module, LapsHubMixin):
         cap_embs, cap_lens = self.encode_captions(input_ids)
         img_embs = self.encode_images(pixel_values)
         sims, score_mask = self.cross_net(img_embs, cap_embs, cap_lens)
-        glob = (global_sims(self.global_images(img_embs), self.global_captions(cap_embs, cap_lens))
-                if self.has_global_head else None)
-        return dict(sims=sims, score_mask=score_mask, glob_sims=glob)
+        return dict(sims=sims, score_mask=score_mask, glob_sims=self.head_sims(img_embs, cap_embs, cap_lens))
+
+    def head_sims(self, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor | None:
+        "The global head's (B_v, B_t) cosines for its auxiliary loss (None without a head); `glob_loss_detach` stops their gradient at the tokens."
+        if not self.has_global_head: return None
+        if self.cfg.glob_loss_detach: img_embs, cap_embs = img_embs.detach(), cap_embs.detach()
+        return global_sims(self.global_images(img_embs), self.global_captions(cap_embs, cap_lens))
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor):
         "Eval mode: sims (B_v, B_t); train mode: (sims, score_mask (B_t, B_v, N)), as `CrossNet`."
