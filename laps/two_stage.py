@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from .datasets import get_dataset
 from .metrics import metrics_from_ranks, retrieval_ranks, evaluate_sims, METRIC_KEYS
-from .evaluation import model_device
+from .data import load_tokenizer, build_eval_loaders
+from .evaluation import model_device, encode_image_set, encode_caption_set, similarity_matrix
 
 # %% auto #0
 __all__ = ['DEFAULT_TOPK', 'IMAGES_PER_CALL', 'shortlist', 'global_embeddings', 'pair_mask', 'group_images', 'score_pairs',
@@ -170,8 +171,6 @@ def evaluate_split_two_stage(model: nn.Module, cfg, split: str, k: int, *, exhau
                              progress: bool = True, batch_size: int | None = None, shard_size: int | None = None,
                              images_per_call: int = IMAGES_PER_CALL) -> dict:
     "`evaluate_two_stage` of a split of `cfg`'s dataset, beside exhaustive scoring of the same tokens (its metrics, seconds, pairs)."
-    from laps.data import load_tokenizer, build_eval_loaders
-    from laps.evaluation import encode_image_set, encode_caption_set, similarity_matrix
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     _, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
     t0 = time.perf_counter()
