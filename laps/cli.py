@@ -104,8 +104,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     e.add_argument('--ensemble', nargs='+', default=None, metavar='SIMS.npy',
                    help='evaluate the average of saved similarity matrices (no model needed; the protocol comes from '
                         'their .npy.json sidecars, or from --dataset)')
-    e.add_argument('--rerank_topk', type=int, nargs='?', const=20, default=None, metavar='K',
-                   help='two-stage retrieval: shortlist K candidates per query (default K: 20) by the global embedding, re-rank them with '
+    e.add_argument('--rerank_topk', type=int, nargs='?', const=50, default=None, metavar='K',
+                   help='two-stage retrieval: shortlist K candidates per query (default K: 50) by the global embedding, re-rank them with '
                         'LAPS; reports its recall, the shortlist\'s, pairs scored and seconds beside exhaustive scoring '
                         '(laps.two_stage)')
     e.add_argument('--exhaustive', type=_parse_bool, default=True, metavar='0|1',

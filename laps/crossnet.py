@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from .config import LapsConfig
 from .reference import ReferenceCrossNet, check_cap_lens
-from .engine import batched_forward, DEFAULT_MEMORY_BUDGET
+from .engine import batched_forward, pairs_forward, check_pairs, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
 __all__ = ['CrossNet']
@@ -37,3 +37,24 @@ class CrossNet(ReferenceCrossNet):
         if self.engine != 'reference': raise ValueError(f"engine must be 'fast' or 'reference', got {self.engine!r}")
         sims, score_mask = self.reference_forward(img_embs, cap_embs, cap_lens)
         return (sims, score_mask) if self.training else sims
+
+    @torch.no_grad()
+    def pair_scores(self, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, pairs,
+                    memory_budget: int | None = None) -> torch.Tensor:
+        "Chosen entries of the eval-mode matrix only: pairs (P, 2) of (image, caption) indices -> scores (P,)."
+        check_cap_lens(cap_embs, cap_lens)
+        if self.engine == 'fast':
+            return pairs_forward(
+                img_embs, cap_embs, cap_lens, pairs, aggr_net=getattr(self, 'aggr_net', None),
+                method=self.similarity_method, method_params=self.method_params, sparse_ratio=self.sparse_ratio,
+                use_cls_as_glob=self.use_cls_as_glob, tok_select_net=getattr(self, 'tok_select_net', None),
+                token_selection=self.token_selection, num_prefix_tokens=self.num_prefix_tokens,
+                memory_budget=memory_budget or self.memory_budget)
+        if self.engine != 'reference': raise ValueError(f"engine must be 'fast' or 'reference', got {self.engine!r}")
+        pairs = check_pairs(pairs, img_embs.shape[0], cap_embs.shape[0], img_embs.device)
+        lens, out = torch.as_tensor(cap_lens, device=cap_embs.device).long().reshape(-1), img_embs.new_zeros(len(pairs))
+        for i in pairs[:, 0].unique().tolist():                            # one image against its captions
+            at = (pairs[:, 0] == i).nonzero()[:, 0]
+            caps = pairs[at, 1]
+            out[at] = self.reference_forward(img_embs[i:i + 1], cap_embs[caps], lens[caps])[0][0]
+        return out

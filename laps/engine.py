@@ -13,10 +13,11 @@ from .registry import SIMILARITY_METHODS
 from .similarity import SimilarityMethod, word_mask
 
 # %% auto #0
-__all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'select_words', 'ImageSide', 'sym_norm_terms',
-           'image_side', 'CaptionSide', 'caption_side', 'PatchSelection', 'select_patches', 'norm_squares',
-           'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'caption_blocks', 'whole_pair_bytes',
-           'whole_block_plan', 'whole_forward', 'batched_forward', 'engine_flops']
+__all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'PAIRS_MIN_BLOCK', 'select_words', 'ImageSide',
+           'sym_norm_terms', 'image_side', 'CaptionSide', 'caption_side', 'PatchSelection', 'select_patches',
+           'norm_squares', 'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'caption_blocks',
+           'whole_pair_bytes', 'whole_block_plan', 'whole_forward', 'check_inputs', 'batched_forward', 'image_rows',
+           'caption_rows', 'check_pairs', 'pairs_forward', 'engine_flops']
 
 # %% ../nbs/46_engine.ipynb #28587249
 def select_words(words: torch.Tensor, lens: torch.Tensor, attn_mat: nn.Module, strategy: str = 'ratio',
@@ -253,22 +254,28 @@ def whole_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Te
 
 
 # %% ../nbs/46_engine.ipynb #aa91ae24
+def check_inputs(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, memory_budget: int) -> torch.Tensor:
+    "Validate the engine's inputs: -> cap_lens as a (B_t,) long tensor on the captions' device."
+    if img_embs.ndim != 3 or cap_embs.ndim != 3 or img_embs.shape[-1] != cap_embs.shape[-1]:
+        raise ValueError(f"expected img_embs (B_v, T, C) and cap_embs (B_t, L, C) with the same C, "
+                         f"got {tuple(img_embs.shape)} and {tuple(cap_embs.shape)}")
+    lens = torch.as_tensor(cap_lens, device=cap_embs.device).long().reshape(-1)
+    B_t, L_max, _ = cap_embs.shape
+    if lens.numel() != B_t: raise ValueError(f"cap_lens has {lens.numel()} entries for {B_t} captions")
+    if B_t and (int(lens.min()) < 1 or int(lens.max()) > L_max):
+        raise ValueError(f"cap_lens must lie in [1, {L_max}] (the padded caption length), "
+                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
+    if memory_budget < 1: raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    return lens
+
 def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *, aggr_net: nn.Module | None,
                     method: SimilarityMethod, method_params: dict | None = None, sparse_ratio: float = 0.5,
                     use_cls_as_glob: bool = False, tok_select_net: nn.Module | None = None,
                     token_selection: dict | None = None, num_prefix_tokens: int | None = None,
                     memory_budget: int = DEFAULT_MEMORY_BUDGET, with_mask: bool = False):
     "img_embs (B_v, T, C), cap_embs (B_t, L, C), cap_lens (B_t,) -> sims (B_v, B_t) [, score_mask (B_t, B_v, N) or None]."
-    if img_embs.ndim != 3 or cap_embs.ndim != 3 or img_embs.shape[-1] != cap_embs.shape[-1]:
-        raise ValueError(f"expected img_embs (B_v, T, C) and cap_embs (B_t, L, C) with the same C, "
-                         f"got {tuple(img_embs.shape)} and {tuple(cap_embs.shape)}")
-    lens = torch.as_tensor(cap_lens, device=cap_embs.device).long().reshape(-1)
+    lens = check_inputs(img_embs, cap_embs, cap_lens, memory_budget)
     B_t, L_max, C = cap_embs.shape
-    if lens.numel() != B_t: raise ValueError(f"cap_lens has {lens.numel()} entries for {B_t} captions")
-    if B_t and (int(lens.min()) < 1 or int(lens.max()) > L_max):
-        raise ValueError(f"cap_lens must lie in [1, {L_max}] (the padded caption length), "
-                         f"got values in [{int(lens.min())}, {int(lens.max())}]")
-    if memory_budget < 1: raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
     if not method.slims_patches:                                           # a baseline: no LPS, SPA, selection
         sims = whole_forward(img_embs, cap_embs, lens, method=method, method_params=method_params,
                              num_prefix_tokens=num_prefix_tokens, memory_budget=memory_budget)
@@ -305,6 +312,102 @@ def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *,
     if not with_mask: return sims
     mask = torch.cat(masks, 1) if masks else img_embs.new_zeros(B_t, 0, N)
     return sims, mask[inverse]
+
+# %% ../nbs/46_engine.ipynb #0a4bfa3e
+PAIRS_MIN_BLOCK = 64  # captions of one image before `pairs_forward` cuts a block for padding (a call costs more)
+
+def image_rows(im: ImageSide, a: int, b: int) -> ImageSide:
+    "Images a:b of a prepared `ImageSide` (views, nothing recomputed)."
+    def rows(t): return None if t is None else t[a:b]
+    return ImageSide(im.X[a:b], im.Xn[a:b], im.s_img[a:b], rows(im.cls), im.logits[a:b], rows(im.E), rows(im.G),
+                     None if im.H is None else [(lo, hi, h[a:b]) for lo, hi, h in im.H])
+
+def caption_rows(cp: CaptionSide, idx: torch.Tensor, L: int) -> CaptionSide:
+    "Captions `idx` of a prepared `CaptionSide`, cut to their first L words (L at least their longest)."
+    return CaptionSide(cp.W[idx, :, :L], cp.wmask[idx, :L], cp.g[idx])
+
+def check_pairs(pairs, n_img: int, n_cap: int, device) -> torch.Tensor:
+    "Validate (image, caption) index pairs: -> a (P, 2) long tensor."
+    pairs = torch.as_tensor(pairs, device=device).long()
+    if pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be a (P, 2) array of (image, caption) indices, got shape {tuple(pairs.shape)}")
+    if len(pairs) and (int(pairs.min()) < 0 or int(pairs[:, 0].max()) >= n_img or int(pairs[:, 1].max()) >= n_cap):
+        raise ValueError(f"pairs index {n_img} images and {n_cap} captions: expected image indices in [0, {n_img}) and "
+                         f"caption indices in [0, {n_cap}), got images in [{int(pairs[:, 0].min())}, "
+                         f"{int(pairs[:, 0].max())}] and captions in [{int(pairs[:, 1].min())}, {int(pairs[:, 1].max())}]")
+    return pairs
+
+@torch.no_grad()
+def pairs_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, pairs, *, aggr_net: nn.Module | None,
+                  method: SimilarityMethod, method_params: dict | None = None, sparse_ratio: float = 0.5,
+                  use_cls_as_glob: bool = False, tok_select_net: nn.Module | None = None,
+                  token_selection: dict | None = None, num_prefix_tokens: int | None = None,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
+    "Scores of chosen pairs only: pairs (P, 2) of (image, caption) indices -> (P,) = batched_forward(...)[pairs.T]."
+    lens = check_inputs(img_embs, cap_embs, cap_lens, memory_budget)
+    (B_v, T, C), B_t = img_embs.shape, cap_embs.shape[0]
+    pairs = check_pairs(pairs, B_v, B_t, img_embs.device)
+    out = img_embs.new_zeros(len(pairs))
+    if not len(pairs): return out
+    order = lens.argsort(descending=True, stable=True)                     # captions longest first
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
+    perm = (pairs[:, 0] * B_t + rank[pairs[:, 1]]).argsort()               # pairs by image, then caption length
+    img_of, pos_of = pairs[perm, 0], rank[pairs[perm, 1]]                  # (P,), (P,) positions in `order`
+    bounds = torch.searchsorted(img_of, torch.arange(B_v + 1, device=img_of.device)).tolist()  # image i: bounds[i]:bounds[i+1]
+    params = method_params or {}
+    if not method.slims_patches:                                           # a baseline: one image at a time
+        for i in range(B_v):
+            a, b = bounds[i], bounds[i + 1]
+            if a == b: continue
+            caps = order[pos_of[a:b]]
+            out[perm[a:b]] = whole_forward(img_embs[i:i + 1], cap_embs[caps], lens[caps], method=method,
+                                           method_params=params, num_prefix_tokens=num_prefix_tokens,
+                                           memory_budget=memory_budget)[0]
+        return out
+    if aggr_net is None: raise ValueError(f"similarity method {method.name!r} slims patches: pairs_forward needs aggr_net")
+    N = split_cls(img_embs[:0], num_prefix_tokens)[1].shape[1]
+    Ns, ns = aggr_net.weight[-1].out_features, method.n_word_sets
+    K = n_kept_patches(N, sparse_ratio)
+    used = torch.zeros(B_t, dtype=torch.bool, device=order.device); used[pos_of] = True
+    used_pos = used.nonzero()[:, 0]                                        # positions in `order` that occur, longest first
+    lens_desc = lens[order].tolist()
+    per_img, per_cap = image_bytes(N, C, Ns), lambda L: 4 * ns * L * C * 3
+    bv = max(1, min(B_v, 64, memory_budget // (4 * per_img)))
+    chunks, start, size = [], 0, 0                                         # caption chunks within half the budget
+    for j, p in enumerate(used_pos.tolist()):
+        if j > start and size + per_cap(lens_desc[p]) > memory_budget // 2: chunks.append((start, j)); start, size = j, 0
+        size += per_cap(lens_desc[p])
+    chunks.append((start, len(used_pos)))
+    row = torch.full((B_t,), -1, dtype=torch.long, device=order.device)   # position in `order` -> row of its chunk
+    for a, b in chunks:
+        cpos = used_pos[a:b]
+        caps = order[cpos]
+        cp = caption_side(cap_embs[caps, :lens_desc[int(cpos[0])]], lens[caps], method=method, method_params=params,
+                          use_cls_as_glob=use_cls_as_glob, tok_select_net=tok_select_net, token_selection=token_selection)
+        cp_lens = cp.wmask.sum(1)
+        row[cpos] = torch.arange(len(cpos), device=row.device)
+        lo_pos, hi_pos = int(cpos[0]), int(cpos[-1])
+        for v0 in range(0, B_v, bv):
+            spans = []                                                     # (image, first, last) pairs of this chunk
+            for i in range(v0, min(B_v, v0 + bv)):
+                a_i, b_i = bounds[i], bounds[i + 1]
+                if a_i == b_i: continue
+                s = a_i + int(torch.searchsorted(pos_of[a_i:b_i], lo_pos))
+                e = a_i + int(torch.searchsorted(pos_of[a_i:b_i], hi_pos, right=True))
+                if s < e: spans.append((i, s, e))
+            if not spans: continue
+            im = image_side(img_embs[v0:spans[-1][0] + 1], aggr_net, use_cls_as_glob, num_prefix_tokens)
+            for i, s, e in spans:
+                one, rows = image_rows(im, i - v0, i - v0 + 1), row[pos_of[s:e]]
+                sub_desc = [lens_desc[p] for p in pos_of[s:e].tolist()]
+                for x, y in caption_blocks(sub_desc, 1, per_img, lambda L: pair_bytes(N, C, Ns, L, ns), per_cap,
+                                           memory_budget, min_block=PAIRS_MIN_BLOCK):
+                    r = rows[x:y]
+                    sims, _ = pair_block(one, caption_rows(cp, r, int(cp_lens[r].max())), n_keep=K, method=method,
+                                         method_params=params)
+                    out[perm[s + x:s + y]] = sims[0].to(out.dtype)
+        row[cpos] = -1
+    return out
 
 # %% ../nbs/46_engine.ipynb #ce92172d
 def engine_flops(*, N: int = 196, C: int = 512, L: float = 16.0, sparse_ratio: float = 0.5, Ns: int = 39,

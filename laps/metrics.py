@@ -14,9 +14,9 @@ from .datasets import get_dataset
 
 # %% auto #0
 __all__ = ['METRIC_KEYS', 'RECALL_CI_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
-           'retrieval_metrics_naive', 'evaluate_sims', 'recall_hits', 'protocol_recall_hits', 'recall_ci95',
-           'format_metrics', 'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims', 'load_sims_metadata',
-           'ensemble_sims', 'ensemble_protocol']
+           'retrieval_metrics_naive', 'evaluate_sims', 'hits_from_ranks', 'recall_hits', 'protocol_recall_hits',
+           'recall_ci95', 'format_metrics', 'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims',
+           'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -117,13 +117,16 @@ def evaluate_sims(sims, dataset: str,  # a registered dataset: its spec gives th
 # %% ../nbs/65_metrics.ipynb #9a7c0e12
 RECALL_CI_KEYS = ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum')
 
-def recall_hits(sims, captions_per_image: int = 5, chunk_size: int = 256) -> np.ndarray:
-    "(n_images, 7) per-image outcomes in percent, columns `RECALL_CI_KEYS`: i2t hits, t2i caption fractions, their sum."
-    i2t, t2i = retrieval_ranks(sims, captions_per_image, chunk_size)
-    t2i = t2i.reshape(len(i2t), captions_per_image)
+def hits_from_ranks(i2t: np.ndarray, t2i: np.ndarray, captions_per_image: int = 5) -> np.ndarray:
+    "(n_images, 7) per-image outcomes in percent from 0-based ranks, columns `RECALL_CI_KEYS`: i2t hits, t2i caption fractions, their sum."
+    i2t, t2i = np.asarray(i2t), np.asarray(t2i).reshape(len(i2t), captions_per_image)
     cols = [i2t < k for k in (1, 5, 10)] + [(t2i < k).mean(axis=1) for k in (1, 5, 10)]
     h = 100.0 * np.stack(cols, axis=1).astype(np.float64)
     return np.concatenate([h, h.sum(axis=1, keepdims=True)], axis=1)
+
+def recall_hits(sims, captions_per_image: int = 5, chunk_size: int = 256) -> np.ndarray:
+    "(n_images, 7) per-image outcomes in percent, columns `RECALL_CI_KEYS`: i2t hits, t2i caption fractions, their sum."
+    return hits_from_ranks(*retrieval_ranks(sims, captions_per_image, chunk_size), captions_per_image)
 
 def protocol_recall_hits(sims, dataset: str,  # a registered dataset: its spec gives the protocol
                          captions_per_image: int | None = None, fold_size: int | None = None,  # None: the dataset's

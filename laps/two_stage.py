@@ -10,17 +10,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from .datasets import get_dataset
-from .metrics import metrics_from_ranks, retrieval_ranks, evaluate_sims, METRIC_KEYS
+from .metrics import metrics_from_ranks, retrieval_ranks, evaluate_sims, hits_from_ranks, protocol_recall_hits, METRIC_KEYS, RECALL_CI_KEYS
+from .bootstrap import paired_diff_ci
 from .data import load_tokenizer, build_eval_loaders
 from .evaluation import model_device, encode_image_set, encode_caption_set, similarity_matrix
 
 # %% auto #0
-__all__ = ['DEFAULT_TOPK', 'IMAGES_PER_CALL', 'shortlist', 'global_embeddings', 'pair_mask', 'group_images', 'score_pairs',
-           'lookup', 'shortlist_ranks', 'direction_ranks', 'two_stage_ranks', 'evaluate_two_stage',
-           'evaluate_split_two_stage', 'format_two_stage']
+__all__ = ['DEFAULT_TOPK', 'shortlist', 'global_embeddings', 'pair_mask', 'score_pairs', 'lookup', 'shortlist_ranks',
+           'direction_ranks', 'two_stage_ranks', 'evaluate_two_stage', 'evaluate_split_two_stage', 'format_two_stage']
 
 # %% ../nbs/76_two_stage.ipynb #b9f512ce
-DEFAULT_TOPK = 20  # `laps eval --rerank_topk` without a value: candidates per query (the README's two-stage figures)
+DEFAULT_TOPK = 50  # `laps eval --rerank_topk` without a value: the smallest K whose dev shortlist held >= 99% of ground truths (README)
 
 @torch.no_grad()
 def shortlist(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,43 +52,26 @@ def pair_mask(t2i_idx: torch.Tensor, i2t_idx: torch.Tensor, n_img: int, n_cap: i
     mask[torch.arange(n_img)[:, None], i2t_idx] = True
     return mask
 
-def group_images(img_globals: torch.Tensor, size: int) -> list[torch.Tensor]:
-    "Greedy groups of up to `size` images: each unassigned image in turn, with its most similar unassigned ones."
-    n = img_globals.shape[0]
-    if size <= 1: return [torch.tensor([i]) for i in range(n)]
-    free = torch.ones(n, dtype=torch.bool)
-    groups = []
-    for i in range(n):
-        if not free[i]: continue
-        free[i] = False
-        k = min(size - 1, int(free.sum()))
-        near = (img_globals @ img_globals[i]).masked_fill(~free, float('-inf')).topk(k).indices if k else torch.zeros(0, dtype=torch.long)
-        free[near] = False
-        groups.append(torch.cat([torch.tensor([i]), near]))
-    return groups
-
 @torch.no_grad()
 def score_pairs(cross_net: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor,
-                mask: torch.Tensor, groups: list[torch.Tensor] | None = None,
-                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
-    "LAPS scores of the pairs in `mask` (n_img, n_cap): sorted keys i * n_cap + j (P,), their scores (P,), pairs computed."
+                mask: torch.Tensor, progress: bool = True, images_per_step: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    "LAPS scores of exactly the pairs in `mask` (n_img, n_cap): sorted keys i * n_cap + j (P,) and their scores (P,)."
     cross_net.eval(); device = model_device(cross_net)
-    n_cap = mask.shape[1]
-    groups = groups if groups is not None else [torch.tensor([i]) for i in range(mask.shape[0])]
-    keys, scores, computed = [], [], 0
-    for g in tqdm(groups, desc='re-rank', disable=not progress, leave=False):
-        caps = mask[g].any(dim=0).nonzero()[:, 0]                     # the union of the group's captions
-        if len(caps) == 0: continue
+    n_img, n_cap = mask.shape
+    keys, scores = [], []
+    steps = range(0, n_img, images_per_step)
+    for a in tqdm(steps, desc='re-rank', disable=not progress or len(steps) < 2, leave=False):
+        rows, cols = mask[a:a + images_per_step].nonzero(as_tuple=True)
+        if len(rows) == 0: continue
+        caps, col = cols.unique(return_inverse=True)                  # the captions these images need
         lens = cap_lens[caps]
-        s = cross_net(img_embs[g].to(device), cap_embs[caps, :int(lens.max())].to(device), lens.to(device)).float().cpu()
-        computed += s.numel()
-        want = mask[g][:, caps]                                       # (|g|, |caps|): the pairs asked for
-        rows, cols = want.nonzero(as_tuple=True)
-        keys.append(g[rows] * n_cap + caps[cols]); scores.append(s[rows, cols])
-    if not keys: return torch.zeros(0, dtype=torch.long), torch.zeros(0), 0
+        s = cross_net.pair_scores(img_embs[a:a + images_per_step].to(device), cap_embs[caps, :int(lens.max())].to(device),
+                                  lens.to(device), torch.stack([rows, col], 1).to(device))
+        keys.append((a + rows) * n_cap + cols); scores.append(s.float().cpu())
+    if not keys: return torch.zeros(0, dtype=torch.long), torch.zeros(0)
     keys, scores = torch.cat(keys), torch.cat(scores)
     order = keys.argsort()
-    return keys[order], scores[order], computed
+    return keys[order], scores[order]
 
 def lookup(keys: torch.Tensor, scores: torch.Tensor, query_keys: torch.Tensor) -> torch.Tensor:
     "Scores of `query_keys` (any shape) among sorted `keys`; every one must be there."
@@ -115,10 +98,8 @@ def direction_ranks(t2i_scores, t2i_idx, i2t_scores, i2t_idx, captions_per_image
             shortlist_ranks(t2i_scores, t2i_idx, t2i_gt, n_img, 1))
 
 # %% ../nbs/76_two_stage.ipynb #4ad43606
-IMAGES_PER_CALL = 8  # images per re-rank call (group_images); 1: exactly the shortlisted pairs are computed
-
 def two_stage_ranks(model: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor,
-                    k: int, captions_per_image: int, progress: bool = True, images_per_call: int = IMAGES_PER_CALL) -> dict:
+                    k: int, captions_per_image: int, progress: bool = True) -> dict:
     "Both stages on an encoded gallery: two-stage and shortlist-only ranks, shortlist hit rates, pairs scored, seconds."
     t0 = time.perf_counter()
     g_img, g_cap = global_embeddings(model, img_embs, cap_embs, cap_lens)
@@ -126,8 +107,8 @@ def two_stage_ranks(model: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Te
     i2t_s, i2t_idx = shortlist(g_img, g_cap, k)                                  # (n_img, K) captions per image
     t1 = time.perf_counter()
     n_img, n_cap = len(img_embs), len(cap_embs)
-    keys, scores, computed = score_pairs(model.cross_net, img_embs, cap_embs, cap_lens,
-                                         pair_mask(t2i_idx, i2t_idx, n_img, n_cap), group_images(g_img, images_per_call), progress)
+    keys, scores = score_pairs(model.cross_net, img_embs, cap_embs, cap_lens, pair_mask(t2i_idx, i2t_idx, n_img, n_cap),
+                               progress)
     t2i_scores = lookup(keys, scores, t2i_idx * n_cap + torch.arange(n_cap)[:, None])
     i2t_scores = lookup(keys, scores, torch.arange(n_img)[:, None] * n_cap + i2t_idx)
     t2 = time.perf_counter()
@@ -136,12 +117,12 @@ def two_stage_ranks(model: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Te
     return dict(i2t=i2t, t2i=t2i, shortlist_i2t=s_i2t, shortlist_t2i=s_t2i,
                 hit_i2t=float(100.0 * (s_i2t < i2t_idx.shape[1]).mean()),
                 hit_t2i=float(100.0 * (s_t2i < t2i_idx.shape[1]).mean()),
-                pairs_needed=int(len(keys)), pairs_scored=int(computed), pairs_exhaustive=n_img * n_cap,
+                pairs_scored=int(len(keys)), pairs_exhaustive=n_img * n_cap,
                 seconds_shortlist=t1 - t0, seconds_rerank=t2 - t1)
 
 def evaluate_two_stage(model: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor,
-                       k: int, dataset: str, progress: bool = True, images_per_call: int = IMAGES_PER_CALL) -> dict:
-    "Two-stage metrics of an encoded split under `dataset`'s protocol (recall, shortlist recall and hit rates, pairs, seconds)."
+                       k: int, dataset: str, progress: bool = True, with_hits: bool = False):
+    "Two-stage metrics of an encoded split under `dataset`'s protocol (recall, shortlist recall and hit rates, pairs, seconds) [, per-image hits (n_img, 7)]."
     spec = get_dataset(dataset)
     cpi, fold = spec.captions_per_image, spec.protocol.fold_size
     n_img = len(img_embs)
@@ -151,25 +132,24 @@ def evaluate_two_stage(model: nn.Module, img_embs: torch.Tensor, cap_embs: torch
     parts = [(0, n_img)] if fold is None else [(a, a + fold) for a in range(0, n_img, fold)]
     if fold is not None and n_img % fold:
         raise ValueError(f"the {dataset} protocol scores folds of {fold} images and needs a multiple of {fold}, got {n_img}")
-    runs = [two_stage_ranks(model, img_embs[a:b], cap_embs[a * cpi:b * cpi], cap_lens[a * cpi:b * cpi], k, cpi, progress,
-                            images_per_call) for a, b in parts]
+    runs = [two_stage_ranks(model, img_embs[a:b], cap_embs[a * cpi:b * cpi], cap_lens[a * cpi:b * cpi], k, cpi, progress)
+            for a, b in parts]
     def mean(ms): return {key: float(np.mean([m[key] for m in ms])) for key in METRIC_KEYS}
     out = dict(k=int(k),
                two_stage=mean([metrics_from_ranks(r['i2t'], r['t2i']) for r in runs]),
                shortlist=mean([metrics_from_ranks(r['shortlist_i2t'], r['shortlist_t2i']) for r in runs]),
                shortlist_recall_at_k={d: float(np.mean([r[f'hit_{d}'] for r in runs])) for d in ('i2t', 't2i')},
-               pairs_needed=sum(r['pairs_needed'] for r in runs), pairs_scored=sum(r['pairs_scored'] for r in runs),
-               pairs_exhaustive=sum(r['pairs_exhaustive'] for r in runs), images_per_call=images_per_call,
+               pairs_scored=sum(r['pairs_scored'] for r in runs), pairs_exhaustive=sum(r['pairs_exhaustive'] for r in runs),
                seconds={'shortlist': sum(r['seconds_shortlist'] for r in runs), 'rerank': sum(r['seconds_rerank'] for r in runs)})
     if fold is not None and spec.protocol.full_pass_prefix:                       # COCO 5K: one shortlist over the whole split
-        r = two_stage_ranks(model, img_embs, cap_embs, cap_lens, k, cpi, progress, images_per_call)
+        r = two_stage_ranks(model, img_embs, cap_embs, cap_lens, k, cpi, progress)
         out[f'{spec.protocol.full_pass_prefix}two_stage'] = metrics_from_ranks(r['i2t'], r['t2i'])
-    return out
+    if not with_hits: return out
+    return out, np.concatenate([hits_from_ranks(r['i2t'], r['t2i'], cpi) for r in runs])   # as `protocol_recall_hits`
 
 # %% ../nbs/76_two_stage.ipynb #0fbd598c
 def evaluate_split_two_stage(model: nn.Module, cfg, split: str, k: int, *, exhaustive: bool = True, tokenizer=None,
-                             progress: bool = True, batch_size: int | None = None, shard_size: int | None = None,
-                             images_per_call: int = IMAGES_PER_CALL) -> dict:
+                             progress: bool = True, batch_size: int | None = None, shard_size: int | None = None) -> dict:
     "`evaluate_two_stage` of a split of `cfg`'s dataset, beside exhaustive scoring of the same tokens (its metrics, seconds, pairs)."
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     _, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
@@ -177,7 +157,7 @@ def evaluate_split_two_stage(model: nn.Module, cfg, split: str, k: int, *, exhau
     img_embs = encode_image_set(model, image_loader, progress)
     cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
     seconds_encode = time.perf_counter() - t0
-    out = evaluate_two_stage(model, img_embs, cap_embs, cap_lens, k, cfg.dataset, progress, images_per_call)
+    out, hits = evaluate_two_stage(model, img_embs, cap_embs, cap_lens, k, cfg.dataset, progress, with_hits=True)
     out['seconds']['encode'] = seconds_encode
     out['global_head'] = bool(getattr(model, 'has_global_head', False))
     out['pairs_ratio'] = out['pairs_exhaustive'] / max(out['pairs_scored'], 1)
@@ -187,6 +167,8 @@ def evaluate_split_two_stage(model: nn.Module, cfg, split: str, k: int, *, exhau
         out['seconds']['exhaustive'] = time.perf_counter() - t0
         out['exhaustive'] = evaluate_sims(sims, cfg.dataset)
         out['rsum_minus_exhaustive'] = out['two_stage']['rsum'] - out['exhaustive']['rsum']
+        diff, ci = paired_diff_ci(hits[None], protocol_recall_hits(sims, cfg.dataset)[None], seed=0)
+        out['minus_exhaustive_ci95'] = {key: [float(lo), float(hi)] for key, (lo, hi) in zip(RECALL_CI_KEYS, ci)}
         out['speedup'] = out['seconds']['exhaustive'] / (out['seconds']['shortlist'] + out['seconds']['rerank'])
     return out
 
@@ -202,9 +184,12 @@ def format_two_stage(m: dict) -> str:
     lines.append(f"shortlist: {head}; ground truth in the top {m['k']}: i2t {hit['i2t']:.1f}%, t2i {hit['t2i']:.1f}%")
     s = m['seconds']
     line = (f"pairs scored: {m['pairs_scored']:,} of {m['pairs_exhaustive']:,} ({m['pairs_ratio']:.1f}x fewer; "
-            f"{m['pairs_needed']:,} shortlisted, {m.get('images_per_call', 1)} images per call); "
+            f"the union of both shortlists); "
             f"seconds: encode {s['encode']:.1f}, shortlist {s['shortlist']:.2f}, re-rank {s['rerank']:.1f}")
     if 'exhaustive' in m:
         line += (f", exhaustive {s['exhaustive']:.1f} ({m['speedup']:.1f}x); rsum two-stage - exhaustive: "
                  f"{m['rsum_minus_exhaustive']:+.1f}")
+        if 'minus_exhaustive_ci95' in m:
+            lo, hi = m['minus_exhaustive_ci95']['rsum']
+            line += f" (95% CI {lo:+.1f} to {hi:+.1f}, paired bootstrap over images)"
     return '\n'.join(lines + [line])

@@ -24,7 +24,7 @@ def laps(*args) -> subprocess.CompletedProcess:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog='gpu_check', description=__doc__.splitlines()[0])
     p.add_argument('--out', default='runs/gpu-check'); p.add_argument('--data_path', default=None)
-    p.add_argument('--device', default='cuda'); p.add_argument('--rerank_topk', type=int, default=20)
+    p.add_argument('--device', default='cuda'); p.add_argument('--rerank_topk', type=int, default=50)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to check", file=sys.stderr)

@@ -137,6 +137,29 @@ def test_fast_equals_reference_values_masks_and_every_gradient(T, method, use_cl
         assert (net(img, cap, lens) - sims_ref).abs().max() <= TOL
 
 
+
+@pytest.mark.parametrize('method,use_cls,selection,learn_temp,trainable', COMBOS)
+@pytest.mark.parametrize('T', [197, 49])
+def test_pair_scores_are_the_matrix_entries(T, method, use_cls, selection, learn_temp, trainable):
+    "`pairs_forward` (both engines' `pair_scores`) on a sparse, unordered, repeating set of pairs, and with tiny chunks."
+    net = _net(method, use_cls, selection, learn_temp, trainable, N=T - 1 if T == 197 else T).eval()
+    img, cap, lens = untied_inputs(net, T, 32, n_img=4, caps=((9, 9), (5, 9), (3, 9), (7, 9), (2, 9), (8, 9)))
+    with torch.no_grad(): full = net.reference_forward(img, cap, lens)[0]                  # (4, 6)
+    g = torch.Generator().manual_seed(11)
+    pairs = torch.stack([torch.randint(0, 4, (15,), generator=g), torch.randint(0, 6, (15,), generator=g)], 1)
+    for engine, budget in (('fast', None), ('fast', 1), ('reference', None)):
+        net.engine = engine
+        assert (net.pair_scores(img, cap, lens, pairs, memory_budget=budget) - full[pairs[:, 0], pairs[:, 1]]).abs().max() <= TOL
+    assert net.pair_scores(img, cap, lens, torch.zeros(0, 2)).shape == (0,)
+
+
+def test_pair_scores_bad_pairs_name_what_was_expected():
+    net = _net().eval()
+    img, cap, lens = torch.randn(2, 197, 32), torch.randn(3, 6, 32), [6, 2, 4]
+    with pytest.raises(ValueError, match=r'caption indices in \[0, 3\)'): net.pair_scores(img, cap, lens, [[0, 3]])
+    with pytest.raises(ValueError, match=r'\(P, 2\) array'): net.pair_scores(img, cap, lens, [[0, 1, 2]])
+    with pytest.raises(ValueError, match='cap_lens has 2 entries'): net.pair_scores(img, cap, [6, 2], [[0, 1]])
+
 @pytest.mark.parametrize('preset', ['paper', 'improved'])
 def test_vit_base_shapes(preset):
     "C=512, 197 tokens, caption lengths like Flickr30K's, values and gradients."
