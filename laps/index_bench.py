@@ -13,13 +13,21 @@ from .data import load_tokenizer, build_eval_loaders
 from .evaluation import encode_image_set
 
 # %% auto #0
-__all__ = ['peak_rss_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build', 'measure_search', 'child_main',
-           'prepare_base', 'run_index_bench', 'format_index_bench_row', 'format_index_bench', 'index_bench_cli']
+__all__ = ['peak_rss_mb', 'rss_parts_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build',
+           'measure_search', 'child_main', 'prepare_base', 'run_index_bench', 'format_index_bench_row',
+           'format_index_bench', 'index_bench_cli']
 
 # %% ../nbs/86_index_bench.ipynb #2d75e635
 def peak_rss_mb() -> float:
     "Peak resident memory of this process so far, MiB (Linux `ru_maxrss` is in KiB)."
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def rss_parts_mb() -> dict:
+    "Resident memory now, MiB: anonymous (the process's own) and file-backed (mapped file pages), where /proc tells."
+    try: status = Path('/proc/self/status').read_text()
+    except OSError: return {}
+    parts = dict(line.split()[:2] for line in status.splitlines() if line.startswith(('RssAnon:', 'RssFile:')))
+    return {'anon': int(parts['RssAnon:']) / 1024, 'file': int(parts['RssFile:']) / 1024} if len(parts) == 2 else {}
 
 def replicated_rows(base: torch.Tensor, start: int, stop: int, noise: float, seed: int) -> torch.Tensor:
     "Rows start..stop of the replicated gallery: base[i % b] + noise * std(base) * N(0, 1), seeded per row block."
@@ -67,7 +75,7 @@ def measure_search(model, cfg, out, queries: list[str], k: int, rerank: int) -> 
     q = sorted(lat)
     return dict(open_s=open_s, queries=len(lat), median_ms=1e3 * statistics.median(lat),
                 p90_ms=1e3 * q[int(0.9 * (len(q) - 1))], shortlist_only_median_ms=1e3 * statistics.median(short),
-                search_peak_rss_mb=peak_rss_mb())
+                search_peak_rss_mb=peak_rss_mb(), search_rss_now_mb=rss_parts_mb())
 
 # %% ../nbs/86_index_bench.ipynb #8325c89c
 def _load(run, device='cpu'):
@@ -130,7 +138,9 @@ def run_index_bench(run, sizes=(10_000, 20_000, 50_000, 100_000), *, split: str 
 def format_index_bench_row(r: dict) -> str:
     return (f"{r['n']:>8,d} images  {r['faiss']:5s} build {r['build_s']:6.1f} s  disk {r['disk_mb']:7.1f} MiB  "
             f"query median {r['median_ms']:6.1f} ms (p90 {r['p90_ms']:6.1f}, shortlist only {r['shortlist_only_median_ms']:5.1f})  "
-            f"peak RSS build {r['build_peak_rss_mb']:6.0f} MiB, search {r['search_peak_rss_mb']:6.0f} MiB")
+            f"peak RSS build {r['build_peak_rss_mb']:6.0f} MiB, search {r['search_peak_rss_mb']:6.0f} MiB"
+            + (f" (at the end: {r['search_rss_now_mb']['anon']:.0f} anonymous, {r['search_rss_now_mb']['file']:.0f} mapped file)"
+               if r.get('search_rss_now_mb') else ''))
 
 def format_index_bench(result: dict) -> str:
     s = result['setup']
