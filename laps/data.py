@@ -4,7 +4,7 @@
 
 # %% ../nbs/60_data.ipynb #601f5e32
 from __future__ import annotations
-import functools, json, logging, math
+import functools, json, logging, math, os, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -18,13 +18,13 @@ from .registry import DATASETS
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'IMAGENET_MEAN', 'IMAGENET_STD', 'BERT_BASE_UNCASED', 'KEEP', 'MASK', 'RANDOM', 'DELETE', 'CaptionSplit',
-           'read_split', 'check_images', 'load_image', 'random_resized_crop_box', 'to_normalized_tensor',
-           'sample_train_params', 'apply_train_params', 'train_transform', 'eval_transform', 'load_tokenizer',
-           'caption_words', 'assemble_ids', 'word_actions', 'random_token_ids', 'augment_words', 'encode_caption',
-           'item_generator', 'flip_token_map', 'TrainDataset', 'ImageDataset', 'CaptionDataset', 'collate',
-           'build_loader', 'load_pairs', 'PairBatchSampler', 'build_train_dataset', 'build_train_loader',
-           'build_eval_loaders']
+__all__ = ['logger', 'MAX_IMAGE_PIXELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'BERT_BASE_UNCASED', 'KEEP', 'MASK', 'RANDOM', 'DELETE',
+           'CaptionSplit', 'read_split', 'check_images', 'ImageTooLargeError', 'max_image_pixels', 'load_image',
+           'random_resized_crop_box', 'to_normalized_tensor', 'sample_train_params', 'apply_train_params',
+           'train_transform', 'eval_transform', 'load_tokenizer', 'caption_words', 'assemble_ids', 'word_actions',
+           'random_token_ids', 'augment_words', 'encode_caption', 'item_generator', 'flip_token_map', 'TrainDataset',
+           'ImageDataset', 'CaptionDataset', 'collate', 'build_loader', 'load_pairs', 'PairBatchSampler',
+           'build_train_dataset', 'build_train_loader', 'build_eval_loaders']
 
 # %% ../nbs/60_data.ipynb #39e387e2
 @dataclass
@@ -54,7 +54,10 @@ class CaptionSplit:
         return f"CaptionSplit({self.dataset}/{self.name}: {self.n_images} images, {self.n_captions} captions)"
 
 def _read_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding='utf-8').split('\n')
+    try: lines = path.read_text(encoding='utf-8').split('\n')
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b'\n') + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     if lines and lines[-1] == '': lines = lines[:-1]
     return [l.rstrip('\r') for l in lines]
 
@@ -114,13 +117,39 @@ def check_images(split: CaptionSplit, folder, show: int = 5) -> list[Path]:
                                 f"under {folder} (first: {names}{', ...' if len(missing) > show else ''})")
     return paths
 
-def load_image(path) -> Image.Image:
-    "Decode an image file to RGB; a corrupt or truncated file raises an `OSError` naming it."
+MAX_IMAGE_PIXELS = 40_000_000  # default pixel limit (a 40-megapixel photo; 120 MB decoded as RGB)
+
+class ImageTooLargeError(OSError):
+    "An image whose header announces more pixels than the limit; refused before decoding."
+
+def max_image_pixels() -> int:
+    "The pixel limit of `load_image`: the environment's `LAPS_MAX_IMAGE_PIXELS`, else `MAX_IMAGE_PIXELS`."
+    v = os.environ.get('LAPS_MAX_IMAGE_PIXELS', '')
+    if not v: return MAX_IMAGE_PIXELS
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"LAPS_MAX_IMAGE_PIXELS must be a positive whole number of pixels, got {v!r}")
+    return int(v)
+
+def load_image(path,  # a file path or an open binary file
+               max_pixels: int | None = None,  # refuse larger images before decoding (None: `max_image_pixels()`)
+               ) -> Image.Image:
+    "Decode an image file to RGB; a corrupt, truncated or oversized file raises an `OSError` naming it."
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as im:
-            return im.convert('RGB')
-    except FileNotFoundError: raise FileNotFoundError(f"image file {path} not found") from None
-    except (OSError, SyntaxError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', Image.DecompressionBombWarning)   # our own limit below is the one that counts
+            with Image.open(path) as im:
+                w, h = im.size                                           # read from the header: nothing decoded yet
+                if w * h > limit:
+                    raise ImageTooLargeError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {limit:,} "
+                                             f"(set LAPS_MAX_IMAGE_PIXELS to allow larger images)")
+                return im.convert('RGB')
+    except (FileNotFoundError, ImageTooLargeError) as e:
+        if isinstance(e, ImageTooLargeError): raise
+        raise FileNotFoundError(f"image file {path} not found") from None
+    except Image.DecompressionBombError as e:                          # above twice PIL's own limit (179 Mpx)
+        raise ImageTooLargeError(f"image {path} is too large to decode: {e}") from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as e:
         raise OSError(f"cannot decode image {path} (corrupt or not an image?): {e}") from e
 
 # %% ../nbs/60_data.ipynb #0e516ea8
