@@ -152,7 +152,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     r.add_argument('rest', nargs=argparse.REMAINDER)
     return p
 
-# %% ../nbs/97_cli.ipynb #7c1a9b8b
+# %% ../nbs/97_cli.ipynb #95e34067
 def _eval_overrides(args) -> dict:
     keys = ('data_path', 'dataset', 'f30k_img_path', 'coco_img_path', 'engine', 'device', 'gpu_id', 'batch_size',
             'shard_size', 'workers')
@@ -168,6 +168,7 @@ def cmd_train(args) -> int:
           + (f" (epoch {m['epoch']})" if 'epoch' in m else ''))
     return 0
 
+# %% ../nbs/97_cli.ipynb #e0c2a7b2
 def released_runs(dataset: str, root='runs') -> list[Path]:
     "The run folders the released eval.py evaluates, `<root>/<dataset>_vit` and `<root>/<dataset>_swin`, that exist."
     return [p for kind in ('vit', 'swin') if (p := Path(root) / f'{dataset}_{kind}').is_dir()]
@@ -282,6 +283,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(results[str(runs[0])] if args.target else results, sort_keys=True))
     return 0
 
+# %% ../nbs/97_cli.ipynb #1b3915c2
 def cmd_index(args) -> int:
     "`laps index`: the gallery of --images / --split (and --captions) into the index folder --out, through `laps.index.build_index`."
     if bool(args.images) == bool(args.split): raise ValueError("laps index needs one of --images FOLDER or --split SPLIT")
@@ -333,11 +335,13 @@ def cmd_search(args) -> int:
         print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.shortlist_score:7.4f}  {what}")
     return 0
 
+# %% ../nbs/97_cli.ipynb #316f06e3
 def cmd_convert(args) -> int:
     from laps.legacy import convert_checkpoint
     print(f"wrote {convert_checkpoint(args.src, args.out, overwrite=args.overwrite)}")
     return 0
 
+# %% ../nbs/97_cli.ipynb #dea4683d
 def _one_line(e: BaseException) -> str:
     "An error's message on one line: a KeyError's without its quotes, a multi-line message joined with '; '."
     msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
