@@ -8,6 +8,7 @@ import argparse, dataclasses, inspect, io, json, sys, textwrap, tokenize, traceb
 from pathlib import Path
 from .config import LapsConfig, PRESETS, get_config
 from .registry import DATASETS, SIMILARITY_METHODS
+from .guards import printable
 
 # %% auto #0
 __all__ = ['field_comments', 'add_config_flags', 'config_from_args', 'LapsArgumentParser', 'build_parser', 'cmd_train',
@@ -375,5 +376,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not is_expected_error(e): raise
         if debug: traceback.print_exc()
-        else: print(f"laps: error: {_one_line(e)}", file=sys.stderr)
+        else: print(f"laps: error: {printable(_one_line(e))}", file=sys.stderr)   # a file name cannot drive the terminal
         return 2

@@ -5,10 +5,11 @@
 # %% ../nbs/04a_guards.ipynb #c188b317
 from __future__ import annotations
 import fcntl, hashlib, json, os, re, socket, sys, time
+from datetime import datetime, timezone
 from contextlib import contextmanager
 from pathlib import Path
 from .atomic import write_json_atomic
-from .provenance import utc_now
+
 
 # %% auto #0
 __all__ = ['CHECKSUMS', 'LOCK_FILE', 'MAX_QUERY_CHARS', 'contained', 'is_inside', 'sha256_file', 'file_checksums',
@@ -113,7 +114,8 @@ def folder_lock(folder,  # the folder to hold; created if missing
                     raise FolderBusyError(f"{what} {folder} is being written by {_holder(path)}; wait for that command "
                                           f"to finish and run this one again") from None
                 time.sleep(0.2)
-        note = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), time=utc_now(),
+        note = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                               time=datetime.now(timezone.utc).isoformat(timespec='seconds'),
                                argv=[str(a) for a in (sys.argv if argv is None else argv)]))
         os.ftruncate(fd, 0); os.pwrite(fd, note.encode(), 0)
         yield path
