@@ -19,7 +19,7 @@ __all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_le
            'bench_cli']
 
 # %% ../nbs/80_bench.ipynb #7c2fd89e
-DEFAULT_CAPTIONS = '../shared/data/f30k/test_caps.txt'  # relative to the repository root
+DEFAULT_CAPTIONS = 'tests/fixtures/f30k/test_caps.txt'  # relative to the repository root: the real Flickr30K test captions
 
 def repo_root() -> Path:
     "The folder that holds the `laps` package."

@@ -16,8 +16,7 @@ from laps.data import (read_split, check_images, load_image, random_resized_crop
                        ImageDataset, CaptionDataset, collate, build_loader, build_train_loader, build_eval_loaders,
                        flip_token_map, item_generator)
 
-SHARED = Path(__file__).resolve().parents[2] / 'shared' / 'data'
-if not (SHARED / 'f30k').is_dir(): SHARED = Path('/work/shared/data')
+SHARED = Path(__file__).resolve().parent / 'fixtures'  # the real Flickr30K dev/test caption files, in the released layout
 needs_f30k = pytest.mark.skipif(not (SHARED / 'f30k' / 'test_caps.txt').is_file(), reason='real Flickr30K caption files not found')
 
 

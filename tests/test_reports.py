@@ -203,8 +203,7 @@ def test_quick_quirks_report_end_to_end(tmp_path):
 def _released_layout(root, n_train=16, n_dev=6, n_test=10):
     "A tiny Flickr30K folder in the released caption-file layout (real test captions, generated JPEGs in a separate image folder)."
     from PIL import Image
-    shared = ROOT.parent / 'shared' / 'data' / 'f30k'
-    if not shared.is_dir(): shared = Path('/work/shared/data/f30k')
+    shared = ROOT / 'tests' / 'fixtures' / 'f30k'                       # the real Flickr30K caption files, kept in the repository
     caps = (shared / 'test_caps.txt').read_text().splitlines()
     d, images = root / 'data' / 'f30k', root / 'flickr_images'
     d.mkdir(parents=True); images.mkdir()
