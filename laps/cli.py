@@ -128,6 +128,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     x.add_argument('--data_path', default=None, help='with --split: override the data folder recorded in the model')
     x.add_argument('--img_path', default=None, help="with --split: the split's image folder")
     x.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N (under torchrun: each rank its own)')
+    x.add_argument('--wait', type=float, default=0, metavar='SECONDS',
+                   help='when another laps index is writing INDEX, wait up to SECONDS for it to finish (default 0: '
+                        'refuse at once)')
     x.add_argument('--no_progress', action='store_true')
     s = sub.add_parser('search', help='search an index: text -> images, or --image PATH -> indexed captions')
     s.add_argument('index', metavar='INDEX', help='index folder (laps index)')
@@ -138,6 +141,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument('--image', default=None, metavar='PATH', help='image-to-text: rank the indexed captions for this image')
     s.add_argument('--shards', nargs='+', default=(), metavar='INDEX',
                    help='further index folders of the same gallery (same model), searched as one')
+    s.add_argument('--model', default=None, metavar='MODEL',
+                   help="use this copy of the index's model (run directory, checkpoint folder or .pth; checked by "
+                        "fingerprint) instead of the one saved inside INDEX")
+    s.add_argument('--verify', action='store_true',
+                   help="also check the token store's SHA-256 (slow for a large index; every other file is always "
+                        "checked)")
     s.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (default cpu)')
     s.add_argument('--json', action='store_true', help='print the results as one JSON list')
     s.add_argument('--grid', default=None, metavar='PNG', help='also save the results as an image grid (laps.index.show_hits)')
@@ -289,6 +298,7 @@ def cmd_index(args) -> int:
     "`laps index`: the gallery of --images / --split (and --captions) into the index folder --out, through `laps.index.build_index`."
     if bool(args.images) == bool(args.split): raise ValueError("laps index needs one of --images FOLDER or --split SPLIT")
     if args.batch_size < 1: raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
+    if not args.wait >= 0: raise ValueError(f"--wait must be a number of seconds (0 or more), got {args.wait}")
     from laps.checkpoint import load_any_checkpoint
     from laps.index import build_index, list_images, split_items
     from laps.distributed import init_distributed, cleanup_distributed
@@ -297,7 +307,9 @@ def cmd_index(args) -> int:
     if args.captions:
         path = Path(args.captions)
         if not path.is_file(): raise FileNotFoundError(f"--captions {path}: file not found")
-        captions = [dict(text=t) for t in path.read_text().splitlines() if t.strip()]
+        try: text = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as e: raise ValueError(f"--captions {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        captions = [dict(text=t) for t in text.splitlines() if t.strip()]
         if not captions: raise ValueError(f"--captions {path}: no captions in it (one per line expected)")
     model, cfg, _ = load_any_checkpoint(args.target)
     cfg = cfg.replace(**{k: getattr(args, k) for k in ('data_path', 'img_path', 'device') if getattr(args, k) is not None})
@@ -307,33 +319,38 @@ def cmd_index(args) -> int:
     where = init_distributed(None, cfg.device, cfg.gpu_id)
     try:
         model.to(where.device)
-        source = Path(args.target).resolve() if Path(args.target).exists() else args.target   # searchable from any folder
+        source = Path(args.target).resolve() if Path(args.target).exists() else args.target   # recorded, for information
         m = build_index(model, cfg, args.out, images=images, captions=captions, source=source, append=args.append,
                         batch_size=args.batch_size, faiss_kind=args.faiss, exact_max=args.exact_max,
-                        progress=not args.no_progress, info=where, command=['laps', *sys.argv[1:]])
+                        progress=not args.no_progress, info=where, command=['laps', *sys.argv[1:]], wait=args.wait)
     finally: cleanup_distributed(where)
     if where.is_main:
         for kind, e in m['collections'].items():
-            print(f"{args.out}: {e['n']} {kind} ({e['skipped']} skipped), FAISS {e['faiss']['type']}")
+            print(printable(f"{args.out}: {e['n']} {kind} ({e['skipped']} skipped), FAISS {e['faiss']['type']}"))
     return 0
 
 def cmd_search(args) -> int:
     "`laps search`: the best images for a text, or with --image the best indexed captions, from `laps.index.Index`."
     if (args.query is None) == (args.image is None):
         raise ValueError('laps search needs a text QUERY, or --image PATH for image-to-text (not both)')
-    from laps.index import Index
-    index = Index.open(args.index, *args.shards, device=args.device)
+    from laps.guards import check_text
+    if args.query is not None: check_text(args.query)
+    from laps.index import Index, check_rerank
+    check_rerank(args.k, args.rerank, ('-k', '--rerank'))
+    index = Index.open(args.index, *args.shards, model=args.model, device=args.device,
+                       verify='all' if args.verify else 'files')
     hits = (index.search(args.query, args.k, args.rerank) if args.image is None
             else index.search_image(args.image, args.k, args.rerank))
     if args.grid:
         from laps.index import show_hits
-        show_hits(hits, args.query or str(args.image)).savefig(args.grid, dpi=100)
-    if args.json:
-        print(json.dumps([dict(rank=h.rank, score=h.score, shortlist_score=h.shortlist_score, **h.item) for h in hits]))
+        show_hits(hits, printable(args.query or str(args.image))).savefig(args.grid, dpi=100)
+    if args.json:                                                      # JSON escapes control characters: exact and safe
+        print(json.dumps([{'rank': h.rank, 'score': h.score, 'shortlist_score': h.shortlist_score,
+                           **{k: v for k, v in h.item.items() if k not in ('rank', 'score', 'shortlist_score')}} for h in hits]))
         return 0
-    for h in hits:
+    for h in hits:                                                     # a name or caption cannot drive the terminal
         what = h.item.get('path') or h.item.get('text')
-        print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.shortlist_score:7.4f}  {what}")
+        print(f"{h.rank + 1:3d}  {h.score:8.4f}  {h.shortlist_score:7.4f}  {printable(what)}")
     return 0
 
 # %% ../nbs/97_cli.ipynb #316f06e3

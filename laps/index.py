@@ -4,7 +4,8 @@
 
 # %% ../nbs/85_index.ipynb #9d4df40c
 from __future__ import annotations
-import hashlib, json, os, re, shutil, sys
+import copy, hashlib, json, os, re, shutil, sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -12,18 +13,21 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .atomic import write_json_atomic, append_jsonl, fsync_dir
+from .atomic import write_json_atomic, append_jsonl, fsync_dir, atomic_folder
 from .data import load_image, eval_transform, load_tokenizer, encode_caption, read_split
 from .datasets import image_folder
-from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier
+from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main
 from .evaluation import model_device, shard_range
+from .guards import contained, file_checksums, verify_file, folder_lock, check_text, printable
 from .provenance import command_record, utc_now
 
 # %% auto #0
-__all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'IMAGE_SUFFIXES', 'EXACT_MAX', 'DEFAULT_RERANK', 'MODEL_FIELDS', 'COLLECTIONS',
-           'model_fingerprint', 'model_record', 'check_same_model', 'read_manifest', 'faiss_module', 'make_faiss_index',
-           'faiss_search', 'SegmentWriter', 'Segment', 'list_images', 'encode_image_batch', 'encode_caption_batch',
-           'split_items', 'commit_segments', 'build_index', 'Hit', 'Collection', 'Index', 'show_hits']
+__all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'IMAGE_SUFFIXES', 'EXACT_MAX', 'DEFAULT_RERANK', 'MODEL_FIELDS', 'MODEL_DIR',
+           'SEGMENT_NAME', 'FAISS_NAME', 'SEGMENT_FILES', 'MAX_JSON_BYTES', 'COLLECTIONS', 'VERIFY_LEVELS',
+           'model_fingerprint', 'model_record', 'check_same_model', 'check_manifest', 'read_manifest', 'faiss_module',
+           'make_faiss_index', 'faiss_search', 'read_faiss', 'SegmentWriter', 'Segment', 'list_images',
+           'encode_image_batch', 'encode_caption_batch', 'split_items', 'save_index_model', 'commit_segments',
+           'build_index', 'check_rerank', 'Hit', 'Collection', 'load_index_model', 'Index', 'show_hits']
 
 # %% ../nbs/85_index.ipynb #23d8fae0
 INDEX_FORMAT, INDEX_VERSION = 'laps-index', 1
@@ -34,6 +38,11 @@ MODEL_FIELDS = ('vit_type', 'vision_backbone', 'bert_path', 'img_res', 'num_patc
                 'text_layers', 'sparse_ratio', 'aggr_ratio', 'use_cls_as_glob_embd', 'use_token_selection',
                 'token_selection_strategy', 'token_selection_ratio', 'similarity_calc_method', 'use_learnable_temp',
                 'score_threshold', 'glob_loss_weight')  # the config fields an index's tokens and scores depend on
+MODEL_DIR = 'model'  # the index's own copy of its model (a save_pretrained folder), loaded by default
+SEGMENT_NAME = re.compile(r'seg-\d{4}(?:-r\d+)?')  # the segment folders `build_index` writes (-rN: a torchrun rank's)
+FAISS_NAME = re.compile(r'faiss-\d+\.index')  # the FAISS files `commit_segments` writes (one per generation)
+SEGMENT_FILES = ('tokens.f16', 'globals.f32', 'rows.i64', 'lens.i32', 'items.jsonl', 'skipped.jsonl')  # checksummed
+MAX_JSON_BYTES = 64 << 20  # a manifest or segment meta.json larger than this is refused before parsing
 
 # %% ../nbs/85_index.ipynb #75f0f30e
 def model_fingerprint(model: nn.Module) -> str:
@@ -69,22 +78,78 @@ def check_same_model(recorded: dict, current: dict, where) -> None:
 # %% ../nbs/85_index.ipynb #88e06907
 COLLECTIONS = ('images', 'captions')
 
+def _whole(v, lo: int = 0) -> bool: return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+def _json_name(v) -> str:
+    return {dict: 'an object', list: 'a list', str: 'a string', type(None): 'null', bool: 'a boolean'}.get(type(v), 'a number')
+
+def _read_json(f: Path, what: str):
+    "A small JSON file; one ValueError naming `f` when it is unreadable, too large or not JSON."
+    try:
+        if f.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{f}: {f.stat().st_size:,} bytes, larger than any {what} (at most {MAX_JSON_BYTES:,})")
+        return json.loads(f.read_text(encoding='utf-8'))
+    except OSError as e: raise ValueError(f"{f}: unreadable {what} ({type(e).__name__}: {e})") from None
+    except RecursionError: raise ValueError(f"{f}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        if str(e).startswith(str(f)): raise
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+
+def check_manifest(m, path) -> dict:
+    "`m`, the parsed `index.json` of the index folder `path`, if every entry is one this code writes; else one ValueError naming the file and the entry."
+    path = Path(path); f = path / 'index.json'
+    if not isinstance(m, dict): raise ValueError(f"{f}: expected a JSON object (an index manifest), got {_json_name(m)}")
+    if m.get('format') != INDEX_FORMAT or m.get('version') != INDEX_VERSION:
+        raise ValueError(f"{f}: not a {INDEX_FORMAT} version {INDEX_VERSION} manifest "
+                         f"(format {m.get('format')!r}, version {m.get('version')!r})")
+    if not _whole(m.get('generation')): raise ValueError(f"{f}: generation: expected a whole number, got {m.get('generation')!r}")
+    rec = m.get('model')
+    if not (isinstance(rec, dict) and isinstance(rec.get('fingerprint'), str) and isinstance(rec.get('config'), dict)):
+        raise ValueError(f"{f}: model: expected the record of the model that built the index (fingerprint, config)")
+    for key in ('image_tokens', 'caption_tokens'):
+        v = rec.get(key)
+        if not (isinstance(v, list) and len(v) == 2 and all(_whole(x, 1) for x in v)):
+            raise ValueError(f"{f}: model.{key}: expected [tokens, channels], got {v!r}")
+    cols = m.get('collections')
+    if not isinstance(cols, dict):
+        raise ValueError(f"{f}: collections: expected an object of collections (images, captions), got "
+                         f"{'nothing' if cols is None else _json_name(cols)}")
+    for kind, entry in cols.items():
+        if kind not in COLLECTIONS:
+            raise ValueError(f"{f}: collections: {kind!r} is not a collection (expected {' or '.join(COLLECTIONS)})")
+        w = f"{f}: collections.{kind}"
+        if not isinstance(entry, dict): raise ValueError(f"{w}: expected an object, got {_json_name(entry)}")
+        segs = entry.get('segments')
+        if not isinstance(segs, list): raise ValueError(f"{w}.segments: expected a list of segment names, got {segs!r}")
+        for i, s in enumerate(segs):
+            if not isinstance(s, str) or not SEGMENT_NAME.fullmatch(s):
+                raise ValueError(f"{w}.segments[{i}]: {s!r} is not a segment name (seg-NNNN, or seg-NNNN-rN)")
+            contained(path, f'{kind}/{s}', f"{w}.segments[{i}]")
+        if len(set(segs)) != len(segs): raise ValueError(f"{w}.segments: a segment is named twice ({segs})")
+        fa = entry.get('faiss')
+        name = fa.get('file') if isinstance(fa, dict) else None
+        if not isinstance(name, str) or not FAISS_NAME.fullmatch(name):
+            raise ValueError(f"{w}.faiss.file: {name!r} is not a FAISS file name (faiss-N.index)")
+        contained(path, f'{kind}/{name}', f"{w}.faiss.file")
+        if 'sha256' in fa and not (isinstance(fa['sha256'], str) and _whole(fa.get('bytes'))):
+            raise ValueError(f"{w}.faiss: expected a sha256 string and a size in bytes")
+        for key in ('n', 'skipped'):
+            if not _whole(entry.get(key)): raise ValueError(f"{w}.{key}: expected a whole number, got {entry.get(key)!r}")
+    if m.get('checksums', 'sha256') != 'sha256': raise ValueError(f"{f}: checksums: expected 'sha256', got {m['checksums']!r}")
+    return m
+
 def read_manifest(path) -> dict:
-    "`index.json` of an index folder; a missing, interrupted or foreign one is an error naming the folder."
+    "`index.json` of an index folder, checked by `check_manifest`; a missing, interrupted or foreign one is an error naming the folder."
     path = Path(path)
     f = path / 'index.json'
     if not f.is_file():
         if not path.is_dir(): raise FileNotFoundError(f"index {path} not found")
         if any(path.glob('*/seg-*')):
-            raise ValueError(f"{path}: an interrupted `laps index` build (no index.json yet); run the same command "
-                             f"again to continue it")
+            raise ValueError(f"{path}: no index.json yet: a `laps index` build is running there, or was interrupted "
+                             f"(then run the same command again to continue it)")
         raise FileNotFoundError(f"{path} is not a laps index (no index.json)")
-    try: m = json.loads(f.read_text())
-    except ValueError as e: raise ValueError(f"{f}: not valid JSON ({e})") from None
-    if m.get('format') != INDEX_FORMAT or m.get('version') != INDEX_VERSION:
-        raise ValueError(f"{f}: not a {INDEX_FORMAT} version {INDEX_VERSION} manifest "
-                         f"(format {m.get('format')!r}, version {m.get('version')!r})")
-    return m
+    contained(path, 'index.json', f"{path}: index.json")
+    return check_manifest(_read_json(f, 'index manifest'), path)
 
 # %% ../nbs/85_index.ipynb #06677902
 def faiss_module():
@@ -113,10 +178,37 @@ def faiss_search(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     "Top-k inner products (Q, k) and row ids (Q, k) (-1 where the index has fewer rows)."
     if hasattr(index, 'hnsw'): index.hnsw.efSearch = max(index.hnsw.efSearch, k)
     return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+def read_faiss(root, kind: str, entry: dict, n: int, dim: int, where, checksum: bool = True):
+    "The FAISS index `entry['faiss']` names in `root/kind` (inside the folder, checksum as recorded), if it is an inner-product index of `n` rows of `dim`."
+    faiss = faiss_module()
+    p = contained(root, f"{kind}/{entry['faiss']['file']}", f"{where}.faiss.file")
+    if not p.is_file(): raise ValueError(f"{p}: missing (named by {where}.faiss.file)")
+    if checksum and 'sha256' in entry['faiss']: verify_file(p, entry['faiss'], f"{where}.faiss")
+    try: index = faiss.read_index(str(p))
+    except Exception as e:                                               # FAISS raises RuntimeError with a C++ trace
+        raise ValueError(f"{p}: not a readable FAISS index ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})") from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT or index.ntotal != n or index.d != dim:
+        raise ValueError(f"{p}: a FAISS index of {index.ntotal} rows of {index.d} ({'inner product' if index.metric_type == faiss.METRIC_INNER_PRODUCT else 'not inner product'}), "
+                         f"but {where} holds {n} rows of {dim} (inner product): the file belongs to another index")
+    return index
 
 # %% ../nbs/85_index.ipynb #5ca4a035
 def _memmap(path: Path, dtype, shape, mode: str):
     return np.memmap(path, dtype=dtype, mode=mode, shape=shape) if shape[0] else np.zeros(shape, dtype)
+
+def _note(msg: str) -> None: tqdm.write(printable(msg), file=sys.stderr)
+
+def _read_plan(folder: Path) -> tuple[dict | None, dict | None]:
+    "(plan, progress) of a `.partial` segment (or a committed one's plan), None for a file that is missing or unreadable."
+    out = []
+    for name in ('plan.json', 'progress.json'):
+        try: out.append(json.loads((folder / name).read_text(encoding='utf-8')) if (folder / name).is_file() else None)
+        except (OSError, ValueError, RecursionError): out.append(None)
+    return out[0], out[1]
+
+def _resumable(progress, n: int) -> bool:
+    return (isinstance(progress, dict) and _whole(progress.get('done')) and _whole(progress.get('rows'))
+            and progress['rows'] <= progress['done'] <= n and isinstance(progress.get('skipped'), list))
 
 class SegmentWriter:
     "One new segment of a collection, written in place batch by batch and committed by `finish`."
@@ -125,14 +217,14 @@ class SegmentWriter:
         self.dir = self.folder / f'{name}.partial'
         n = len(plan['items'])
         self.shape = (n, *token_shape)
-        if (self.dir / 'plan.json').is_file():
-            if json.loads((self.dir / 'plan.json').read_text()) != plan:
-                raise ValueError(f"{self.dir}: an interrupted build of other items or another model; finish it with "
-                                 f"its own command, or delete that folder")
-            self.progress = json.loads((self.dir / 'progress.json').read_text())
-            mode = 'r+'
+        old_plan, progress = _read_plan(self.dir) if self.dir.is_dir() and not self.dir.is_symlink() else (None, None)
+        if old_plan == plan and _resumable(progress, n):
+            self.progress, mode = progress, 'r+'
         else:
-            if self.dir.exists(): shutil.rmtree(self.dir)                # no plan yet: nothing was committed
+            if old_plan is not None:                                     # the builder holds the lock: nobody else writes it
+                _note(f"laps index: replacing {self.dir}, left by an interrupted build of other items or another model")
+            if self.dir.is_symlink() or self.dir.is_file(): self.dir.unlink()
+            elif self.dir.exists(): shutil.rmtree(self.dir)
             self.dir.mkdir(parents=True)
             self.progress = dict(done=0, rows=0, skipped=[])
             mode = 'w+'
@@ -164,7 +256,7 @@ class SegmentWriter:
         write_json_atomic(self.dir / 'progress.json', self.progress)
 
     def finish(self) -> Path:
-        "Truncate the stores to the rows written, write items and meta, rename `.partial` away: the committed segment."
+        "Truncate the stores to the rows written, write items, checksums and meta, rename `.partial` away: the committed segment."
         rows = self.progress['rows']
         for m in (self.tokens, self.globals, self.item_of_row, self.lens):
             if isinstance(m, np.memmap): m.flush()
@@ -174,19 +266,25 @@ class SegmentWriter:
             stem = f.name.split('.')[0]
             if stem in row_bytes and f.suffix in ('.f16', '.f32', '.i64', '.i32'): os.truncate(f, rows * row_bytes[stem])
         item_of_row = np.fromfile(self.dir / 'rows.i64', dtype=np.int64) if rows else np.zeros(0, np.int64)
-        with open(self.dir / 'items.jsonl', 'w') as fh:
+        with open(self.dir / 'items.jsonl', 'w', encoding='utf-8') as fh:
             for i in item_of_row: fh.write(json.dumps(self.plan['items'][int(i)]) + '\n')
-        with open(self.dir / 'skipped.jsonl', 'w') as fh:
+            fh.flush(); os.fsync(fh.fileno())
+        with open(self.dir / 'skipped.jsonl', 'w', encoding='utf-8') as fh:
             for s in self.progress['skipped']: fh.write(json.dumps(s) + '\n')
+            fh.flush(); os.fsync(fh.fileno())
+        files = file_checksums(self.dir, sorted(f.name for f in self.dir.iterdir() if f.name in SEGMENT_FILES))
         write_json_atomic(self.dir / 'meta.json', dict(n=rows, token_shape=list(self.shape[1:]),
-                                                        skipped=len(self.progress['skipped'])))
+                                                        skipped=len(self.progress['skipped']), files=files))
         final = self.folder / self.name
-        if final.exists(): shutil.rmtree(final)
+        if final.is_symlink(): final.unlink()
+        elif final.exists(): shutil.rmtree(final)
         os.replace(self.dir, final)
         fsync_dir(self.folder)
         return final
 
 # %% ../nbs/85_index.ipynb #c5698cf2
+VERIFY_LEVELS = ('files', 'all', 'sizes')  # on open: every file's SHA-256 but the token store's (its size only); all; sizes only
+
 @dataclass
 class Segment:
     "A committed segment, memory-mapped read-only."
@@ -197,25 +295,72 @@ class Segment:
     lens: np.ndarray | None  # (n,) int32 for captions
     items: list[dict]
     skipped: int
+    checksummed: bool = True  # meta.json records its files' SHA-256 (segments written before laps did: False)
 
     @classmethod
-    def open(cls, path) -> 'Segment':
-        path = Path(path)
-        try: meta = json.loads((path / 'meta.json').read_text())
-        except (OSError, ValueError) as e: raise ValueError(f"{path}: not a committed index segment ({e})") from None
-        n, shape = meta['n'], tuple(meta['token_shape'])
-        items = [json.loads(line) for line in (path / 'items.jsonl').read_text().splitlines()]
+    def open(cls, root, kind: str, name: str, token_shape: Sequence[int] | None = None, verify: str = 'files') -> 'Segment':
+        "Open `root/kind/name`: every file inside `root`, of the size meta.json implies, with the SHA-256 it records (see `VERIFY_LEVELS`)."
+        if verify not in VERIFY_LEVELS: raise ValueError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, got {verify!r}")
+        root = Path(root)
+        path = contained(root, f'{kind}/{name}', f"{root / 'index.json'}: collections.{kind}.segments")
+        inside = lambda f: contained(root, f'{kind}/{name}/{f}', str(path))
+        mf = inside('meta.json')
+        if not mf.is_file(): raise ValueError(f"{path}: not a committed index segment (no meta.json)")
+        meta = _read_json(mf, 'segment meta.json')
+        if not isinstance(meta, dict): raise ValueError(f"{mf}: expected a JSON object, got {_json_name(meta)}")
+        n, shape, skipped, files = meta.get('n'), meta.get('token_shape'), meta.get('skipped', 0), meta.get('files')
+        if not _whole(n): raise ValueError(f"{mf}: n: expected the number of rows (a whole number), got {n!r}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_whole(x, 1) for x in shape)):
+            raise ValueError(f"{mf}: token_shape: expected [tokens, channels], got {shape!r}")
+        if token_shape is not None and list(shape) != list(token_shape):
+            raise ValueError(f"{mf}: token_shape {shape}, but the index's model makes {list(token_shape)}")
+        if not _whole(skipped): raise ValueError(f"{mf}: skipped: expected a whole number, got {skipped!r}")
+        T, C = shape
+        sizes = {'tokens.f16': n * T * C * 2, 'globals.f32': n * C * 4, 'items.jsonl': None}
+        if kind == 'captions': sizes['lens.i32'] = n * 4
+        if files is not None:
+            if not (isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())):
+                raise ValueError(f"{mf}: files: expected {{name: {{'sha256', 'bytes'}}}}")
+            unknown = sorted(set(files) - set(SEGMENT_FILES))
+            if unknown: raise ValueError(f"{mf}: files: {unknown[0]!r} is not a segment file ({', '.join(SEGMENT_FILES)})")
+            missing = sorted(set(sizes) - set(files))
+            if missing: raise ValueError(f"{mf}: files: no checksum of {missing[0]}")
+        for fname, size in sizes.items():
+            p = inside(fname)
+            if not p.is_file(): raise ValueError(f"{p}: missing from the segment")
+            actual = p.stat().st_size
+            if size is not None and actual != size:
+                what = {'tokens.f16': f"{T}x{C} float16", 'globals.f32': f"{C} float32", 'lens.i32': "one int32"}[fname]
+                raise ValueError(f"{p}: {actual:,} bytes, but {mf} says {n} rows of {what} = {size:,} bytes: the file is "
+                                 f"truncated, corrupt or from another index")
+        if files is not None and verify != 'sizes':
+            for fname, rec in files.items():
+                if fname == 'tokens.f16' and verify == 'files':
+                    if rec.get('bytes') != sizes[fname]: raise ValueError(f"{mf}: files.tokens.f16: recorded {rec.get('bytes')!r} bytes, expected {sizes[fname]:,}")
+                    continue
+                verify_file(inside(fname), rec, mf)
+        items = []
+        with open(inside('items.jsonl'), encoding='utf-8') as fh:
+            for i, line in enumerate(fh):
+                try: it = json.loads(line)
+                except (ValueError, RecursionError) as e: raise ValueError(f"{path / 'items.jsonl'}: line {i + 1}: not JSON ({e})") from None
+                key = 'path' if kind == 'images' else 'text'
+                if not (isinstance(it, dict) and isinstance(it.get(key), str)):
+                    raise ValueError(f"{path / 'items.jsonl'}: line {i + 1}: expected an object with a {key!r} string")
+                items.append(it)
         if len(items) != n: raise ValueError(f"{path}: meta.json says {n} rows, items.jsonl has {len(items)}")
-        lens = _memmap(path / 'lens.i32', np.int32, (n,), 'r') if (path / 'lens.i32').is_file() else None
-        return cls(path, n, _memmap(path / 'tokens.f16', np.float16, (n, *shape), 'r'),
-                   _memmap(path / 'globals.f32', np.float32, (n, shape[1]), 'r'), lens, items, meta['skipped'])
+        lens = _memmap(inside('lens.i32'), np.int32, (n,), 'r') if kind == 'captions' else None
+        if lens is not None and n and (int(lens.min()) < 1 or int(lens.max()) > T):
+            raise ValueError(f"{inside('lens.i32')}: caption lengths outside 1..{T}")
+        return cls(path, n, _memmap(inside('tokens.f16'), np.float16, (n, T, C), 'r'),
+                   _memmap(inside('globals.f32'), np.float32, (n, C), 'r'), lens, items, skipped, files is not None)
 
 # %% ../nbs/85_index.ipynb #d986f23b
 def list_images(folder) -> list[str]:
-    "Every image file under `folder` (recursively, by suffix), sorted, as absolute paths."
+    "Every image file under `folder` (recursively, by suffix), sorted, as absolute paths: one per real file (a symbolic link and its target are one)."
     folder = Path(folder)
     if not folder.is_dir(): raise FileNotFoundError(f"--images {folder}: not a folder")
-    paths = sorted(str(p.resolve()) for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    paths = sorted({str(p.resolve()) for p in folder.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()})
     if not paths: raise ValueError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return paths
 
@@ -253,18 +398,23 @@ def split_items(cfg, split: str) -> tuple[list[str], list[dict]]:
 def _segment_names(manifest: dict | None, collection: str) -> list[str]:
     return [] if manifest is None else list(manifest['collections'].get(collection, {}).get('segments', []))
 
-def _known_items(folder: Path, names: list[str]) -> set[str]:
+def _known_items(root: Path, kind: str, names: list[str]) -> set[str]:
     seen = set()
     for name in names:
-        for line in (folder / name / 'items.jsonl').read_text().splitlines(): seen.add(line)
+        f = contained(root, f'{kind}/{name}/items.jsonl', f"{root / 'index.json'}: collections.{kind}.segments")
+        for line in f.read_text(encoding='utf-8').splitlines(): seen.add(line)
     return seen
 
-def _write_segment(model, cfg, tokenizer, folder: Path, name: str, items: list[dict], plan_extra: dict, kind: str,
+def _write_segment(model, cfg, tokenizer, root: Path, kind: str, name: str, items: list[dict], plan_extra: dict,
                    batch_size: int, progress: bool, callback) -> Path:
-    "Encode `items` into the committed segment `folder/name` (resuming a matching `.partial`)."
-    if (folder / name / 'meta.json').is_file():                          # committed by an earlier, interrupted finish
-        return folder / name
+    "Encode `items` into the committed segment `root/kind/name` (resuming a matching `.partial`, replacing another build's leftovers)."
+    folder = root / kind
     plan = dict(items=items, **plan_extra)
+    final = folder / name
+    if (final / 'meta.json').is_file() and not final.is_symlink():      # committed by an earlier, interrupted build
+        if _read_plan(final)[0] == plan: return final
+        _note(f"laps index: replacing {final}, a segment an interrupted build committed for other items or another model")
+        shutil.rmtree(final)
     shape = (model.img_enc.num_prefix_tokens + cfg.num_patches if kind == 'images' else cfg.max_word, cfg.embed_size)
     w = SegmentWriter(folder, name, plan, shape, with_lens=kind == 'captions')
     bar = tqdm(total=len(items), initial=w.done, desc=f'index {kind}', unit='item', disable=not progress)
@@ -273,7 +423,7 @@ def _write_segment(model, cfg, tokenizer, folder: Path, name: str, items: list[d
         ids = range(w.done, w.done + len(batch))
         if kind == 'images':
             ok, tokens, globs, skipped = encode_image_batch(model, [it['path'] for it in batch], cfg.img_res)
-            for s in skipped: tqdm.write(f"laps index: skipped {s['path']}: {s['error']}", file=sys.stderr)
+            for s in skipped: _note(f"laps index: skipped {s['path']}: {s['error']}")
             w.add(len(batch), tokens, globs, [ids[i] for i in ok], skipped=skipped)
         else:
             tokens, lens, globs = encode_caption_batch(model, tokenizer, [it['text'] for it in batch], cfg.max_word)
@@ -283,71 +433,118 @@ def _write_segment(model, cfg, tokenizer, folder: Path, name: str, items: list[d
     bar.close()
     return w.finish()
 
+def save_index_model(out, model: nn.Module, cfg, source=None) -> Path:
+    "Write `model` into `out/model` (a save_pretrained folder, atomically): the model `Index.open` loads by default."
+    out = Path(out)
+    src = Path(str(source)) if source is not None else None
+    run_dir = next((d for d in ((src, src.parent) if src is not None else ()) if (d / 'commands.jsonl').is_file()), None)
+    from laps.pretrained import write_pretrained
+    with atomic_folder(out / MODEL_DIR) as tmp:                          # the card reads the training run, not the index
+        write_pretrained(tmp, model, cfg, run_dir=run_dir or tmp,
+                         source=f"- saved by `laps index` into this index; loaded from {source}" if source else None)
+    return out / MODEL_DIR
+
+def _sweep(out: Path, collections: dict) -> None:
+    "Remove what no manifest names: old FAISS files, and segments (committed or `.partial`) of interrupted builds."
+    for kind in COLLECTIONS:
+        folder = out / kind
+        if not folder.is_dir() or folder.is_symlink(): continue
+        entry = collections.get(kind, {})
+        keep = {entry.get('faiss', {}).get('file'), *entry.get('segments', [])}
+        for f in folder.iterdir():
+            orphan = (FAISS_NAME.fullmatch(f.name) or SEGMENT_NAME.fullmatch(f.name) or re.fullmatch(r'\.faiss-\d+\.index\.tmp', f.name)
+                      or (f.name.endswith('.partial') and SEGMENT_NAME.fullmatch(f.name[:-len('.partial')])))
+            if not orphan or f.name in keep: continue
+            if f.is_dir() and not f.is_symlink(): shutil.rmtree(f)
+            else: f.unlink()
+
 def commit_segments(out: Path, manifest: dict | None, record: dict, new_segments: dict, faiss_kind: str, exact_max: int,
             command) -> dict:
-    "Rebuild each changed collection's FAISS index over all its segments and atomically write the new manifest."
+    "Rebuild each changed collection's FAISS index over all its segments, atomically write the new manifest, then sweep."
     faiss = faiss_module()
+    out = Path(out)
     generation = 0 if manifest is None else manifest['generation'] + 1
-    collections = {} if manifest is None else json.loads(json.dumps(manifest['collections']))
+    collections = {} if manifest is None else copy.deepcopy(manifest['collections'])
+    checksums = manifest is None or manifest.get('checksums') == 'sha256'
     for kind, names in new_segments.items():
+        if kind not in COLLECTIONS: raise ValueError(f"{kind!r} is not a collection (expected {' or '.join(COLLECTIONS)})")
         if not names: continue
         entry = collections.setdefault(kind, dict(segments=[]))
         entry['segments'] = entry['segments'] + [n for n in names if n not in entry['segments']]
-        segs = [Segment.open(out / kind / n) for n in entry['segments']]
-        vectors = np.concatenate([np.asarray(s.globals) for s in segs if s.n] or [np.zeros((0, record['image_tokens'][1]), np.float32)])
+        shape = record['image_tokens' if kind == 'images' else 'caption_tokens']
+        segs = [Segment.open(out, kind, n, shape) for n in entry['segments']]
+        vectors = np.concatenate([np.asarray(s.globals) for s in segs if s.n] or [np.zeros((0, shape[1]), np.float32)])
         index, params = make_faiss_index(vectors, faiss_kind, exact_max)
         fname = f'faiss-{generation}.index'
         tmp = out / kind / f'.{fname}.tmp'
         faiss.write_index(index, str(tmp)); os.replace(tmp, out / kind / fname)
-        entry.update(faiss=dict(params, file=fname), n=sum(s.n for s in segs), skipped=sum(s.skipped for s in segs))
+        entry.update(faiss=dict(params, file=fname, **file_checksums(out / kind, [fname])[fname]),
+                     n=sum(s.n for s in segs), skipped=sum(s.skipped for s in segs))
     new = dict(format=INDEX_FORMAT, version=INDEX_VERSION, generation=generation, model=record, collections=collections,
                created=utc_now() if manifest is None else manifest['created'], updated=utc_now())
+    if checksums: new['checksums'] = 'sha256'                            # every segment and FAISS file carries them
     write_json_atomic(out / 'index.json', new)
-    for kind, entry in collections.items():                              # FAISS files no manifest names any more
-        for f in (out / kind).glob('faiss-*.index'):
-            if f.name != entry.get('faiss', {}).get('file'): f.unlink()
+    _sweep(out, collections)
     append_jsonl(out / 'commands.jsonl', command_record(command, generation=generation))
     return new
 
 def build_index(model: nn.Module, cfg, out, *, images: Sequence = (), captions: Sequence[dict] = (), source=None,
                 append: bool = False, batch_size: int = 64, faiss_kind: str = 'auto', exact_max: int = EXACT_MAX,
                 tokenizer=None, progress: bool = True, info: DistInfo | None = None, command=None,
-                callback: Callable[[str, int], None] | None = None) -> dict:
-    "Encode `images` (paths) and `captions` ({'text', 'image'?} dicts) into the index folder `out`; returns its manifest."
+                callback: Callable[[str, int], None] | None = None, wait: float = 0) -> dict:
+    "Encode `images` (paths) and `captions` ({'text', 'image'?} dicts) into the index folder `out`, holding its lock; returns its manifest."
     out, info = Path(out), info or DistInfo()
     model.eval()
     record = model_record(model, cfg, source)
-    manifest = read_manifest(out) if (out / 'index.json').is_file() else None
-    if manifest is not None:
-        if not append:
-            raise FileExistsError(f"{out} already holds an index ({manifest['collections'].get('images', {}).get('n', 0)} "
-                                  f"images); pass --append to add to it, or choose another --out")
-        check_same_model(manifest['model'], record, out)
-    elif append: raise FileNotFoundError(f"--append: {out} holds no index yet (no index.json); leave out --append to build one")
-    if captions and tokenizer is None: tokenizer = load_tokenizer(cfg.bert_path)
-    new_segments = {}
-    for kind, items in (('images', [dict(path=str(p)) for p in images]), ('captions', [dict(c) for c in captions])):
-        folder = out / kind
-        names = _segment_names(manifest, kind)
-        known = _known_items(folder, names)
-        fresh = [it for it in items if json.dumps(it) not in known]
-        if not fresh: continue
-        part = shard_range(len(fresh), info.world_size, info.rank)
-        base = f'seg-{len(names):04d}'
-        name = base if info.world_size == 1 else f'{base}-r{info.rank}'
-        folder.mkdir(parents=True, exist_ok=True)
-        extra = dict(model=record['fingerprint'], rank=info.rank, world_size=info.world_size)
-        _write_segment(model, cfg, tokenizer, folder, name, fresh[part.start:part.stop], extra, kind, batch_size,
-                       progress and info.is_main, callback)
-        new_segments[kind] = [base] if info.world_size == 1 else [f'{base}-r{r}' for r in range(info.world_size)]
-    barrier(info)
-    if not info.is_main: return manifest or {}
-    if not new_segments:
-        if manifest is None: raise ValueError(f"{out}: nothing to index (no images or captions given)")
-        return manifest
-    return commit_segments(out, manifest, record, new_segments, faiss_kind, exact_max, command)
+    if append and not (out / 'index.json').is_file():
+        raise FileNotFoundError(f"--append: {out} holds no index yet (no index.json); leave out --append to build one")
+    with ExitStack() as held:
+        def start():                                                     # rank 0, before any rank writes
+            held.enter_context(folder_lock(out, 'index', wait=wait, argv=command))
+            manifest = read_manifest(out) if (out / 'index.json').is_file() else None
+            if manifest is not None:
+                if not append:
+                    raise FileExistsError(f"{out} already holds an index ({manifest['collections'].get('images', {}).get('n', 0)} "
+                                          f"images); pass --append to add to it, or choose another --out")
+                check_same_model(manifest['model'], record, out)
+            elif append: raise FileNotFoundError(f"--append: {out} holds no index yet (no index.json); leave out --append to build one")
+            for kind in COLLECTIONS:
+                if (out / kind).exists() or (out / kind).is_symlink(): contained(out, kind, f"{out}: the {kind} folder")
+            return manifest
+        manifest = on_main(info, start)
+        if captions and tokenizer is None: tokenizer = load_tokenizer(cfg.bert_path)
+        new_segments = {}
+        for kind, items in (('images', [dict(path=str(p)) for p in images]), ('captions', [dict(c) for c in captions])):
+            names = _segment_names(manifest, kind)
+            known = _known_items(out, kind, names)
+            fresh = [it for it in items if json.dumps(it) not in known]
+            if not fresh: continue
+            part = shard_range(len(fresh), info.world_size, info.rank)
+            base = f'seg-{len(names):04d}'
+            name = base if info.world_size == 1 else f'{base}-r{info.rank}'
+            (out / kind).mkdir(parents=True, exist_ok=True)
+            extra = dict(model=record['fingerprint'], rank=info.rank, world_size=info.world_size)
+            _write_segment(model, cfg, tokenizer, out, kind, name, fresh[part.start:part.stop], extra, batch_size,
+                           progress and info.is_main, callback)
+            new_segments[kind] = [base] if info.world_size == 1 else [f'{base}-r{r}' for r in range(info.world_size)]
+        barrier(info)
+        if not info.is_main: return manifest or {}
+        if not new_segments:
+            if manifest is None: raise ValueError(f"{out}: nothing to index (no images or captions given)")
+            return manifest
+        if manifest is None or not (out / MODEL_DIR).exists(): save_index_model(out, model, cfg, source)
+        return commit_segments(out, manifest, record, new_segments, faiss_kind, exact_max, command)
 
 # %% ../nbs/85_index.ipynb #af0406ba
+def check_rerank(k: int, rerank: int, flags: tuple[str, str] = ('k', 'rerank')) -> None:
+    "Refuse k < 1, rerank < 0, and a re-rank of fewer candidates than the results asked for (it would return only `rerank`)."
+    fk, fr = flags
+    if not _whole(k, 1): raise ValueError(f"{fk} must be a positive number of results, got {k}")
+    if not _whole(rerank): raise ValueError(f"{fr} must be 0 (the shortlist order) or a number of candidates, got {rerank}")
+    if 0 < rerank < k:
+        raise ValueError(f"{fr} {rerank} is below {fk} {k}: LAPS would re-rank {rerank} candidates and only {rerank} results "
+                         f"could be returned; re-rank at least {k}, or 0 for the shortlist order")
+
 @dataclass
 class Hit:
     "One search result: rank (0-based), LAPS score (the shortlist score when not re-ranked), shortlist score, the item."
@@ -358,15 +555,23 @@ class Hit:
 
 class Collection:
     "The committed segments of one collection across one or more index folders, with each folder's FAISS index."
-    def __init__(self, parts: list[tuple[Path, dict]], kind: str):
-        faiss = faiss_module()
+    def __init__(self, parts: list[tuple[Path, dict]], kind: str, verify: str = 'files'):
         self.kind, self.segments, self.indexes, self.offsets = kind, [], [], []
         n = 0
         for path, manifest in parts:
             entry = manifest['collections'].get(kind)
             if entry is None: continue
-            segs = [Segment.open(path / kind / s) for s in entry['segments']]
-            self.indexes.append((faiss.read_index(str(path / kind / entry['faiss']['file'])), n))
+            where = f"{path / 'index.json'}: collections.{kind}"
+            shape = manifest['model']['image_tokens' if kind == 'images' else 'caption_tokens']
+            segs = [Segment.open(path, kind, s, shape, verify) for s in entry['segments']]
+            if manifest.get('checksums') == 'sha256':
+                if not all(s.checksummed for s in segs):
+                    raise ValueError(f"{next(s.path for s in segs if not s.checksummed) / 'meta.json'}: no checksums (files), "
+                                     f"though {path / 'index.json'} says every segment carries them")
+                if 'sha256' not in entry['faiss']: raise ValueError(f"{where}.faiss: no checksum, though the manifest says it carries one")
+            rows = sum(s.n for s in segs)
+            if rows != entry['n']: raise ValueError(f"{where}.n: {entry['n']} rows, but its segments hold {rows}")
+            self.indexes.append((read_faiss(path, kind, entry, rows, shape[1], where, checksum=verify != 'sizes'), n))
             for s in segs: self.segments.append(s); self.offsets.append(n); n += s.n
         self.n = n
         self._starts = np.asarray(self.offsets, dtype=np.int64)
@@ -401,27 +606,65 @@ class Collection:
         seg, row = self._locate(np.asarray(ids))
         return [self.segments[s].items[r] for s, r in zip(seg, row)]
 
+def load_index_model(path) -> tuple[nn.Module, object]:
+    "(model, cfg) saved inside the index folder `path` (`path/model`, every file inside the folder); one clear error for an index without one."
+    path = Path(path)
+    m = read_manifest(path)
+    folder = path / MODEL_DIR
+    if not folder.exists() and not folder.is_symlink():
+        src = m['model'].get('source')
+        raise ValueError(f"{path}: no {MODEL_DIR}/ folder inside (an index built before `laps index` saved its model); its "
+                         f"index.json names its model outside the index{f' ({src})' if src else ''}: pass --model "
+                         f"{src if isinstance(src, str) and src else 'MODEL'} to use it")
+    from laps.pretrained import PRETRAINED_FILES, load_pretrained
+    from laps.model import LAPSModel
+    contained(path, MODEL_DIR, f"{path}: {MODEL_DIR}")
+    for name in PRETRAINED_FILES: contained(path, f'{MODEL_DIR}/{name}', str(folder))
+    model = load_pretrained(LAPSModel, folder)
+    bert = str(model.cfg.bert_path)
+    if bert != 'minilm' and (Path(bert).is_absolute() or bert.startswith('.') or Path(bert).is_dir()):
+        raise ValueError(f"{folder / 'config.json'}: bert_path {bert!r} names a tokenizer folder outside the index; "
+                         f"pass --model with your copy of the model to use it")
+    return model, model.cfg
+
+def _distinct_folders(paths: Sequence[Path]) -> None:
+    seen = {}
+    for p in paths:
+        key = Path(p).resolve()
+        if key in seen:
+            raise ValueError(f"{p}: the same index as {seen[key]}; give each shard once (every hit would be counted twice)")
+        seen[key] = p
+
 class Index:
     "A laps index (or shards of one), its model, and search: `search` (text -> images), `search_image` (image -> captions)."
-    def __init__(self, paths: Sequence, model: nn.Module, cfg, tokenizer=None):
+    def __init__(self, paths: Sequence, model: nn.Module, cfg, tokenizer=None, verify: str = 'files'):
         self.paths = [Path(p) for p in paths]
-        self.manifests = [read_manifest(p) for p in self.paths]
+        _distinct_folders(self.paths)
         self.record = model_record(model, cfg)
-        for p, m in zip(self.paths, self.manifests): check_same_model(m['model'], self.record, p)
         self.model, self.cfg = model.eval(), cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
-        parts = list(zip(self.paths, self.manifests))
-        self.images, self.captions = Collection(parts, 'images'), Collection(parts, 'captions')
+        for attempt in (0, 1):                                           # a commit between reading a manifest and its files
+            self.manifests = [read_manifest(p) for p in self.paths]
+            for p, m in zip(self.paths, self.manifests): check_same_model(m['model'], self.record, p)
+            parts = list(zip(self.paths, self.manifests))
+            try:
+                self.images, self.captions = Collection(parts, 'images', verify), Collection(parts, 'captions', verify)
+                break
+            except ValueError:
+                if attempt or [read_manifest(p)['generation'] for p in self.paths] == [m['generation'] for m in self.manifests]:
+                    raise
 
     @classmethod
-    def open(cls, path, *shards, model: nn.Module | None = None, cfg=None, tokenizer=None, device: str = 'cpu') -> 'Index':
-        "Open an index folder (and further shards of the same gallery); without `model`, load the one it was built with."
-        if model is None:
+    def open(cls, path, *shards, model=None, cfg=None, tokenizer=None, device: str = 'cpu', verify: str = 'files') -> 'Index':
+        "Open an index folder (and further shards of the same gallery) with the model saved inside it; or with `model`: a run directory, checkpoint folder or .pth, or a loaded model (with `cfg`), checked by fingerprint."
+        _distinct_folders([Path(path), *map(Path, shards)])
+        if model is None: model, cfg = load_index_model(path)
+        elif isinstance(model, (str, os.PathLike)):
             from laps.checkpoint import load_any_checkpoint
-            source = read_manifest(path)['model'].get('source')
-            if not source: raise ValueError(f"{path}: index.json records no model source; pass model= and cfg=")
-            model, cfg, _ = load_any_checkpoint(source)
-        return cls([path, *shards], model.to(device), cfg, tokenizer)
+            model, cfg, _ = load_any_checkpoint(model)
+        elif cfg is None: cfg = getattr(model, 'cfg', None)
+        if cfg is None: raise ValueError("Index.open: a loaded model needs its cfg")
+        return cls([path, *shards], model.to(device), cfg, tokenizer, verify)
 
     def __repr__(self):
         return (f"Index({', '.join(map(str, self.paths))}: {self.images.n} images, {self.captions.n} captions, "
@@ -442,7 +685,8 @@ class Index:
     @torch.no_grad()
     def search(self, text: str, k: int = 10, rerank: int = DEFAULT_RERANK) -> list[Hit]:
         "The `k` best images for `text`: FAISS shortlist of max(k, rerank), re-ranked by LAPS (rerank=0: shortlist order)."
-        if k < 1 or rerank < 0: raise ValueError(f"k must be >= 1 and rerank >= 0, got k={k}, rerank={rerank}")
+        check_text(text)
+        check_rerank(k, rerank)
         device = model_device(self.model)
         cap, lens, g = encode_caption_batch(self.model, self.tokenizer, [text], self.cfg.max_word)
         D, I = self.images.shortlist(g.float().cpu().numpy(), max(k, rerank))
@@ -454,7 +698,7 @@ class Index:
     @torch.no_grad()
     def search_image(self, image, k: int = 10, rerank: int = DEFAULT_RERANK) -> list[Hit]:
         "The `k` best indexed captions for an image (a path or a PIL image), as `search`."
-        if k < 1 or rerank < 0: raise ValueError(f"k must be >= 1 and rerank >= 0, got k={k}, rerank={rerank}")
+        check_rerank(k, rerank)
         img = load_image(image) if isinstance(image, (str, Path)) else image
         device = model_device(self.model)
         tokens = self.model.encode_images(eval_transform(img, self.cfg.img_res)[None].to(device))
@@ -471,7 +715,7 @@ def show_hits(hits: list[Hit], query: str | None = None, cols: int = 5, size: fl
     import matplotlib.pyplot as plt
     if hits and 'path' not in hits[0].item:                                  # image -> captions: a text list
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(hits) + 0.6)); ax.axis('off')
-        lines = [f"{h.rank + 1}. {h.score:.3f}  {h.item['text']}" for h in hits]
+        lines = [f"{h.rank + 1}. {h.score:.3f}  {printable(h.item['text'])}" for h in hits]
         ax.text(0, 1, '\n'.join(lines), va='top', family='monospace', fontsize=9)
         if query: ax.set_title(str(query), loc='left')
         return fig
@@ -479,9 +723,11 @@ def show_hits(hits: list[Hit], query: str | None = None, cols: int = 5, size: fl
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + (0.4 if query else 0)), squeeze=False)
     for ax in axes.flat: ax.axis('off')
     for ax, h in zip(axes.flat, hits):
-        try: ax.imshow(load_image(h.item['path']))
+        try:                                                             # a path from the index: only a regular file is read
+            if not Path(h.item['path']).is_file(): raise FileNotFoundError(h.item['path'])
+            ax.imshow(load_image(h.item['path']))
         except OSError: ax.text(0.5, 0.5, 'unreadable', ha='center')
-        ax.set_title(f"{h.rank + 1}: {h.score:.3f} ({h.shortlist_score:.2f})\n{Path(h.item['path']).name}", fontsize=8)
+        ax.set_title(f"{h.rank + 1}: {h.score:.3f} ({h.shortlist_score:.2f})\n{printable(Path(h.item['path']).name)}", fontsize=8)
     if query: fig.suptitle(query)
     fig.tight_layout()
     return fig

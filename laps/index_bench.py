@@ -8,14 +8,15 @@ import argparse, json, os, resource, shutil, statistics, subprocess, sys, tempfi
 from pathlib import Path
 import numpy as np
 import torch
-from .index import SegmentWriter, build_index, model_record, commit_segments, encode_caption_batch, Index, EXACT_MAX, DEFAULT_RERANK
+from .index import (SegmentWriter, build_index, model_record, commit_segments, encode_caption_batch, Index, EXACT_MAX,
+                        DEFAULT_RERANK, Collection, read_manifest)
 from .data import load_tokenizer, build_eval_loaders
 from .evaluation import encode_image_set
 
 # %% auto #0
 __all__ = ['peak_rss_mb', 'rss_parts_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build',
            'measure_search', 'shortlist_recall', 'child_main', 'prepare_base', 'run_index_bench',
-           'format_index_bench_row', 'format_index_bench', 'index_bench_cli']
+           'format_index_bench_row', 'format_index_bench', 'index_bench_cli', 'open_cost']
 
 # %% ../nbs/86_index_bench.ipynb #2d75e635
 def peak_rss_mb() -> float:
@@ -183,8 +184,45 @@ def index_bench_cli(argv: list[str]) -> int:
     for name in ('queries', 'k'):
         if getattr(a, name) < 1: print(f"laps bench --index: --{name} must be positive", file=sys.stderr); return 2
     if min(a.sizes) < 1: print("laps bench --index: --sizes must be positive", file=sys.stderr); return 2
+    from laps.index import check_rerank
+    try: check_rerank(a.k, a.rerank, ('-k', '--rerank'))
+    except ValueError as e: print(f"laps bench --index: {e}", file=sys.stderr); return 2
     res = run_index_bench(a.index, a.sizes, split=a.split, data_path=a.data_path, n_queries=a.queries, k=a.k,
                           rerank=a.rerank, noise=a.noise, seed=a.seed, threads=a.threads, work=a.work, keep=a.keep,
                           progress=not a.json)
     print(json.dumps(res) if a.json else format_index_bench(res))
     return 0
+
+# %% ../nbs/86_index_bench.ipynb #c2288627
+def open_cost(n: int, out, token_shape=(197, 512), faiss_kind: str = 'flat', sparse: bool = False, batch: int = 1000,
+              seed: int = 0) -> dict:
+    "Build an index of `n` random rows of `token_shape` in `out` and time opening it at each verification level (warm cache)."
+    from laps.index import VERIFY_LEVELS
+    out, (T, C) = Path(out), token_shape
+    if out.exists(): shutil.rmtree(out)
+    record = dict(source=None, fingerprint='0' * 64, config={}, image_tokens=[T, C], caption_tokens=[T, C],
+                  global_embedding='global head')
+    plan = dict(items=[dict(path=f'random://{i}') for i in range(n)], model=record['fingerprint'], rank=0, world_size=1)
+    w = SegmentWriter(out / 'images', 'seg-0000', plan, (T, C), with_lens=False)
+    if sparse:                                                           # rows never written: the store stays a hole
+        class _Unwritten:
+            def __setitem__(self, key, value): pass
+        w.tokens = _Unwritten()
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(min(batch, max(n, 1)), T, C, generator=g).half()
+    t = time.perf_counter()
+    while w.done < n:
+        a, z = w.done, min(w.done + batch, n)
+        w.add(z - a, rows[:z - a], torch.nn.functional.normalize(torch.randn(z - a, C, generator=g), dim=-1), list(range(a, z)))
+    res = dict(n=n, token_shape=[T, C], sparse=sparse, write_s=time.perf_counter() - t)
+    t = time.perf_counter(); w.finish(); res['finish_s'] = time.perf_counter() - t        # hashes every file once
+    m = commit_segments(out, None, record, {'images': ['seg-0000']}, faiss_kind, EXACT_MAX, ['laps', 'bench', 'open_cost'])
+    seg = out / 'images' / 'seg-0000'
+    res.update(faiss=m['collections']['images']['faiss']['type'],
+               mib={f.name: round(f.stat().st_size / 2**20, 1) for f in sorted(seg.iterdir()) if f.suffix in ('.f16', '.f32', '.jsonl')})
+    levels = [v for v in VERIFY_LEVELS if not (sparse and v == 'all')]
+    for _ in range(2):
+        for level in levels:
+            t = time.perf_counter(); Collection([(out, read_manifest(out))], 'images', level)
+            res[f'open_{level}_s'] = time.perf_counter() - t
+    return res

@@ -1,0 +1,317 @@
+"""An index folder from someone else is untrusted input: `laps index` and `laps search` never read or delete outside
+it, refuse a damaged one with one line, skip what cannot be encoded, print what it names safely, and one writer at a
+time builds it (issue #21). The commands run in this process (`laps.cli.main`), which keeps these tests fast."""
+import contextlib, io, json, os, shutil, struct, threading, time, zlib
+from pathlib import Path
+import pytest
+from PIL import Image
+from index_world import make_world
+from laps.cli import main
+from laps.guards import folder_lock
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp('safety'))
+
+
+def _quiet(*args) -> int:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return main([str(a) for a in args])
+
+
+@pytest.fixture(scope='module')
+def built(world):
+    "An index of the gallery (10 images, one corrupt file) and the test captions, built once; tests work on copies."
+    base = world['root'] / 'base'
+    caps = world['root'] / 'data' / 'synthetic' / 'test_caps.txt'
+    assert _quiet('index', world['head'], '--images', world['gallery'], '--captions', caps, '--out', base, '--no_progress') == 0
+    return base
+
+
+@pytest.fixture
+def idx(built, tmp_path):
+    shutil.copytree(built, tmp_path / 'idx', symlinks=True)
+    return tmp_path / 'idx'
+
+
+def _run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _refused(capsys, *args, expect=()) -> str:
+    "Run `laps ARGS` here: exit status 2 and one `laps: error:` line holding every string of `expect`."
+    code, _, err = _run(capsys, *args)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith('laps: error:'), (code, err[-3000:])
+    for s in expect: assert s in lines[0], (s, lines[0])
+    return lines[0]
+
+
+def _edit(folder: Path, fn, name='index.json'):
+    f = folder / name
+    m = json.loads(f.read_text())
+    fn(m)
+    f.write_text(json.dumps(m))
+
+
+def _png_header(path: Path, w: int, h: int) -> Path:
+    "A PNG whose header announces w x h pixels (a few dozen bytes on disk, like a decompression bomb's)."
+    def chunk(t, d): return struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d) & 0xffffffff)
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 2, 0, 0, 0))
+                     + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+    return path
+
+
+def _small_gallery(world, folder: Path, n: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    for p in sorted(world['gallery'].glob('*.png'))[:n]: shutil.copy(p, folder / p.name)
+    return folder
+
+
+# 1. A collection key that leads outside: refused before anything is written or deleted.
+def test_a_collection_outside_the_index_is_refused_and_nothing_outside_is_deleted(world, idx, capsys):
+    victim = idx.parent / 'victim'; victim.mkdir()
+    (victim / 'faiss-7.index').write_bytes(b'precious')
+    _edit(idx, lambda m: m['collections'].update({'../victim': m['collections']['images']}))
+    expect = (f"{idx / 'index.json'}: collections: '../victim' is not a collection (expected images or captions)",)
+    _refused(capsys, 'index', world['head'], '--images', world['gallery'], '--out', idx, '--append', '--no_progress',
+             expect=expect)
+    assert (victim / 'faiss-7.index').read_bytes() == b'precious'
+    _refused(capsys, 'search', idx, 'a red circle', expect=expect)
+
+
+# 2. Segment names: only the names this code writes, inside the index.
+@pytest.mark.parametrize('name', ['ABS', '../../other/images/seg-0000', 'seg-0000/../../../other/images/seg-0000', 'x'])
+def test_a_segment_name_from_elsewhere_is_refused(idx, capsys, name):
+    other = idx.parent / 'other'; shutil.copytree(idx, other)
+    name = str(other / 'images' / 'seg-0000') if name == 'ABS' else name
+    _edit(idx, lambda m: m['collections']['images'].update(segments=[name]))
+    _refused(capsys, 'search', idx, 'a red circle',
+             expect=(f"{idx / 'index.json'}: collections.images.segments[0]: {name!r} is not a segment name",))
+
+
+def test_a_collection_folder_or_segment_linked_outside_is_refused(idx, capsys):
+    other = idx.parent / 'other'; shutil.copytree(idx, other)
+    shutil.rmtree(idx / 'images' / 'seg-0000')
+    (idx / 'images' / 'seg-0000').symlink_to(other / 'images' / 'seg-0000')
+    _refused(capsys, 'search', idx, 'a red circle', expect=('collections.images.segments[0]', 'leads outside'))
+    shutil.rmtree(idx / 'images')
+    (idx / 'images').symlink_to(other / 'images')
+    _refused(capsys, 'search', idx, 'a red circle', expect=('leads outside',))
+
+
+# 3. The FAISS file: its pattern, inside the index.
+def test_a_faiss_file_from_elsewhere_is_refused(idx, capsys):
+    other = idx.parent / 'other'; shutil.copytree(idx, other)
+    _edit(idx, lambda m: m['collections']['images']['faiss'].update(file='../../other/images/faiss-0.index'))
+    _refused(capsys, 'search', idx, 'a red circle',
+             expect=('collections.images.faiss.file', "'../../other/images/faiss-0.index' is not a FAISS file name"))
+    _edit(idx, lambda m: m['collections']['images']['faiss'].update(file='faiss-0.index'))
+    (idx / 'images' / 'faiss-0.index').unlink()
+    (idx / 'images' / 'faiss-0.index').symlink_to(other / 'images' / 'faiss-0.index')
+    _refused(capsys, 'search', idx, 'a red circle', expect=('collections.images.faiss.file', 'leads outside'))
+
+
+# 4. Every file a segment opens stays inside: a token store (or meta.json) linked outside is refused.
+@pytest.mark.parametrize('fname', ['tokens.f16', 'meta.json', 'items.jsonl'])
+def test_a_segment_file_linked_outside_is_refused(idx, capsys, fname):
+    seg = idx / 'images' / 'seg-0000'
+    outside = idx.parent / f'outside-{fname}'
+    shutil.move(seg / fname, outside)
+    (seg / fname).symlink_to(outside)                                   # the same bytes, but outside the index
+    _refused(capsys, 'search', idx, 'a red circle', expect=(f"'images/seg-0000/{fname}' leads outside",))
+
+
+# 5. A damaged index is one line that names the file.
+def test_a_missing_corrupt_or_foreign_faiss_file_is_one_line(world, idx, capsys, tmp_path):
+    faiss_file = idx / 'images' / 'faiss-0.index'
+    good = faiss_file.read_bytes()
+    faiss_file.unlink()
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(faiss_file), 'missing'))
+    faiss_file.write_bytes(b'\0' * len(good))
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(faiss_file), 'SHA-256'))
+    def forget_checksums(m):
+        m.pop('checksums', None)
+        for e in m['collections'].values(): e['faiss'].pop('sha256', None); e['faiss'].pop('bytes', None)
+    _edit(idx, forget_checksums)                                       # as an index without them
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(faiss_file), 'not a readable FAISS index'))
+    small = tmp_path / 'small'
+    assert _quiet('index', world['head'], '--images', _small_gallery(world, tmp_path / 'three'), '--out', small, '--no_progress') == 0
+    shutil.copy(small / 'images' / 'faiss-0.index', faiss_file)       # another index's: 3 rows, not 10
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(faiss_file), '3 rows', 'holds 10 rows', 'another index'))
+
+
+@pytest.mark.parametrize('content, expect', [
+    ('[]', 'expected a JSON object (an index manifest), got a list'),
+    ('{"format": "laps-index", "version": 1, "generation": 0}', 'model: expected the record'),
+    ('NOMANIFEST', 'collections: expected an object of collections (images, captions), got nothing'),
+    ('[' * 100_000, 'not valid JSON'),
+])
+def test_a_malformed_manifest_is_one_line(idx, capsys, content, expect):
+    if content == 'NOMANIFEST':
+        _edit(idx, lambda m: m.pop('collections'))
+    else: (idx / 'index.json').write_text(content)
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(idx / 'index.json'), expect))
+
+
+def test_a_segment_without_n_or_with_a_short_token_store_is_one_line(idx, capsys):
+    seg = idx / 'images' / 'seg-0000'
+    meta = json.loads((seg / 'meta.json').read_text())
+    _edit(seg, lambda m: m.pop('n'), 'meta.json')
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(seg / 'meta.json'), 'n: expected the number of rows'))
+    (seg / 'meta.json').write_text(json.dumps(meta))
+    size = (seg / 'tokens.f16').stat().st_size
+    os.truncate(seg / 'tokens.f16', size - 100)
+    _refused(capsys, 'search', idx, 'a red circle',
+             expect=(str(seg / 'tokens.f16'), f'{size - 100:,} bytes', f'{size:,} bytes', '10 rows'))
+
+
+# 6. Oversized images are skipped like unreadable ones; a failed build never blocks the next command.
+def test_huge_images_are_skipped_named_and_refused_as_a_query(world, tmp_path, capsys):
+    gallery = _small_gallery(world, tmp_path / 'g')
+    _png_header(gallery / 'huge.png', 20000, 20000)
+    _png_header(gallery / 'big.png', 12000, 12000)                      # 144 Mpx: over the 40 Mpx default too
+    out = tmp_path / 'idx'
+    code, stdout, err = _run(capsys, 'index', world['head'], '--images', gallery, '--out', out, '--no_progress')
+    assert code == 0 and f'{out}: 3 images (2 skipped)' in stdout, err
+    assert 'huge.png' in err and 'big.png' in err and 'Traceback' not in err
+    skipped = [json.loads(l) for l in (out / 'images' / 'seg-0000' / 'skipped.jsonl').read_text().splitlines()]
+    assert sorted(Path(s['path']).name for s in skipped) == ['big.png', 'huge.png']
+    assert all('over the limit' in s['error'] or 'too large to decode' in s['error'] for s in skipped)
+    _refused(capsys, 'search', out, '--image', gallery / 'big.png', expect=('big.png', 'over the limit'))
+    _refused(capsys, 'search', out, '--image', gallery / 'huge.png', expect=('huge.png', 'too large to decode'))
+
+
+def test_an_interrupted_build_of_other_items_does_not_block_the_next_command(world, tmp_path, capsys):
+    from laps.checkpoint import load_any_checkpoint
+    from laps.index import build_index, list_images
+    model, cfg, _ = load_any_checkpoint(world['head'])
+    out = tmp_path / 'idx'
+    class Stop(Exception): pass
+    def stop(kind, rows): raise Stop()
+    with pytest.raises(Stop):
+        build_index(model, cfg, out, images=list_images(world['gallery']), batch_size=2, progress=False, callback=stop)
+    assert (out / 'images' / 'seg-0000.partial').is_dir()
+    code, stdout, err = _run(capsys, 'index', world['head'], '--images', _small_gallery(world, tmp_path / 'three'),
+                             '--out', out, '--no_progress')
+    assert code == 0 and f'{out}: 3 images (0 skipped)' in stdout, err
+    assert 'replacing' in err and 'seg-0000.partial' in err and 'interrupted build' in err
+    assert not list(out.rglob('*.partial'))
+
+
+# 7. What an index names is printed safely; --json stays exact.
+def test_names_and_captions_cannot_drive_the_terminal(world, tmp_path, capsys):
+    gallery = _small_gallery(world, tmp_path / 'g', n=2)
+    evil = 'evil\x1b[2J\x1b]0;owned\x07\nsecond line.png'
+    shutil.copy(next(gallery.glob('*.png')), gallery / evil)
+    caps = tmp_path / 'caps.txt'
+    caps.write_text('a red circle\n\x1b[31ma blue square\u202e\n')
+    out = tmp_path / 'idx'
+    assert _run(capsys, 'index', world['head'], '--images', gallery, '--captions', caps, '--out', out, '--no_progress')[0] == 0
+    code, stdout, _ = _run(capsys, 'search', out, 'a red circle', '-k', 3, '--rerank', 3)
+    assert code == 0 and len(stdout.splitlines()) == 3 and '\x1b' not in stdout and '\x07' not in stdout
+    assert 'evil\\x1b[2J\\x1b]0;owned\\x07\\nsecond line.png' in stdout
+    code, stdout, _ = _run(capsys, 'search', out, '--image', gallery / evil, '-k', 2, '--rerank', 2)
+    assert code == 0 and len(stdout.splitlines()) == 2 and '\x1b' not in stdout and '\u202e' not in stdout
+    assert '\\x1b[31ma blue square\\u202e' in stdout
+    code, stdout, _ = _run(capsys, 'search', out, 'a red circle', '-k', 3, '--rerank', 3, '--json')
+    assert code == 0 and str(gallery.resolve() / evil) in [h['path'] for h in json.loads(stdout)]
+
+
+# 8. Queries, re-rank depth, links and shards.
+def test_queries_rerank_links_and_shards_are_checked(world, idx, tmp_path, capsys):
+    from laps.index import Index, list_images
+    _refused(capsys, 'search', idx, '', expect=('empty',))
+    _refused(capsys, 'search', idx, '   ', expect=('empty',))
+    _refused(capsys, 'search', idx, 'a' * 1001, expect=('1001 characters', 'at most 1000'))
+    _refused(capsys, 'search', idx, 'a red circle', '--rerank', 3, '-k', 10, expect=('--rerank 3 is below -k 10',))
+    assert _run(capsys, 'search', idx, 'a red circle', '--rerank', 0, '-k', 10)[0] == 0          # the shortlist order
+    assert _run(capsys, 'search', idx, 'a red circle')[0] == 0                                    # the defaults: k 10, rerank 100
+    index = Index.open(idx)
+    for q in ('', 'x' * 5000):
+        with pytest.raises(ValueError): index.search(q)
+    with pytest.raises(ValueError, match='rerank 3 is below k 10'): index.search('a red circle', k=10, rerank=3)
+    _refused(capsys, 'search', idx, 'a red circle', '--shards', idx, expect=('the same index as', 'give each shard once'))
+    _refused(capsys, 'search', idx, 'a red circle', '--shards', idx / '..' / idx.name, expect=('the same index as',))
+    g = _small_gallery(world, tmp_path / 'linked', n=2)
+    (g / 'link.png').symlink_to(next(g.glob('*.png')))
+    assert len(list_images(g)) == 2
+
+
+# 9. One writer at a time.
+def test_a_second_writer_is_refused_or_waits(world, idx, tmp_path, capsys):
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    shutil.copy(more / next(more.iterdir()).name, more / 'new.png')
+    args = ('index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress')
+    with folder_lock(idx, 'index', argv=['laps', 'index', 'elsewhere']):
+        line = _refused(capsys, *args, expect=(f'index {idx} is being written by pid {os.getpid()}', 'laps index elsewhere'))
+        t = time.monotonic()
+        _refused(capsys, *args, '--wait', 0.6, expect=('is being written by',))
+        assert time.monotonic() - t >= 0.6
+    assert not list(idx.rglob('*.partial')) and 'delete' not in line
+    held = threading.Event()
+    def hold():
+        with folder_lock(idx, 'index'): held.set(); time.sleep(1.0)
+    th = threading.Thread(target=hold); th.start(); held.wait()
+    code, stdout, err = _run(capsys, *args, '--wait', 60)
+    th.join()
+    assert code == 0 and f'{idx}: 12 images' in stdout, err
+
+
+# 10. Checksums: a corrupted file is refused; the token store's hash on demand (--verify).
+def test_checksums_refuse_a_corrupted_file(idx, capsys):
+    seg = idx / 'images' / 'seg-0000'
+    def flip(f, at=40):
+        b = bytearray(f.read_bytes()); b[at] ^= 0xff; f.write_bytes(bytes(b))
+    flip(seg / 'tokens.f16')
+    assert _run(capsys, 'search', idx, 'a red circle', '-k', 2)[0] == 0      # sizes only: the token store's hash is --verify's
+    _refused(capsys, 'search', idx, 'a red circle', '--verify', expect=(str(seg / 'tokens.f16'), 'SHA-256'))
+    flip(seg / 'tokens.f16')
+    assert _run(capsys, 'search', idx, 'a red circle', '--verify')[0] == 0
+    flip(seg / 'globals.f32')
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(seg / 'globals.f32'), 'SHA-256'))
+    flip(seg / 'globals.f32')
+    _edit(seg, lambda m: m.pop('files'), 'meta.json')
+    _refused(capsys, 'search', idx, 'a red circle', expect=(str(seg / 'meta.json'), 'no checksums'))
+
+
+# 11. The sweep after a commit only touches this code's own files inside its own collection folders.
+def test_a_commit_removes_only_its_own_leftovers(world, idx, tmp_path, capsys):
+    keep = [idx / 'images' / 'notes.txt', idx / 'images' / 'faiss-old.index.bak', idx / 'README']
+    for f in keep: f.write_text('mine')
+    stale = [idx / 'images' / 'faiss-99.index', idx / 'images' / 'seg-0007.partial', idx / 'captions' / 'seg-0042']
+    stale[0].write_bytes(b'x'); stale[1].mkdir(); stale[2].mkdir()
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    shutil.copy(next(more.iterdir()), more / 'new.png')
+    assert _run(capsys, 'index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress')[0] == 0
+    assert all(f.read_text() == 'mine' for f in keep) and not any(f.exists() for f in stale)
+    assert sorted(f.name for f in (idx / 'images').glob('faiss-*.index')) == ['faiss-1.index']
+
+
+# 12. The model inside the index.
+def test_the_index_carries_its_model(world, tmp_path, capsys):
+    run = tmp_path / 'run'; shutil.copytree(world['head'], run)
+    out = tmp_path / 'idx'
+    assert _run(capsys, 'index', run, '--images', world['gallery'], '--out', out, '--no_progress')[0] == 0
+    assert (out / 'model' / 'model.safetensors').is_file()
+    assert json.loads((out / 'index.json').read_text())['model']['source'] == str(run.resolve())
+    shutil.rmtree(run)                                                  # the run it came from is gone: the index still works
+    code, stdout, err = _run(capsys, 'search', out, 'a red circle', '-k', 3, '--rerank', 5)
+    assert code == 0 and len(stdout.splitlines()) == 3, err
+    _refused(capsys, 'search', out, 'a red circle', '--model', world['other'], expect=('build an index with this model',))
+    assert _run(capsys, 'search', out, 'a red circle', '--model', world['head'])[0] == 0
+    shutil.rmtree(out / 'model')                                        # an index built before the model was saved in it
+    _refused(capsys, 'search', out, 'a red circle', expect=(f'{out}: no model/ folder inside', f'pass --model {run.resolve()}'))
+    assert _run(capsys, 'search', out, 'a red circle', '--model', world['head'])[0] == 0
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    shutil.copy(next(more.iterdir()), more / 'new.png')
+    assert _run(capsys, 'index', world['head'], '--images', more, '--out', out, '--append', '--no_progress')[0] == 0
+    assert _run(capsys, 'search', out, 'a red circle')[0] == 0           # the append saved the model it checked
+    _edit(out / 'model', lambda c: c.update(bert_path=str(tmp_path)), 'config.json')
+    _refused(capsys, 'search', out, 'a red circle', expect=('bert_path', 'outside the index', '--model'))
+    shutil.rmtree(out / 'model')
+    (out / 'model').symlink_to(world['head'] / 'checkpoint_best')
+    _refused(capsys, 'search', out, 'a red circle', expect=('leads outside',))
