@@ -181,8 +181,16 @@ def _results_place(info: dict, run_cfg, cfg, data: dict) -> tuple[Path, Path] | 
     if info.get('format') != 'laps' or not (ckpt.parent / 'commands.jsonl').is_file(): return None
     return ckpt.parent, eval_results_folder(ckpt.parent, run_cfg, cfg, data)
 
+def _check_save_sims(place: tuple[Path, Path] | None, save_sims) -> None:
+    "On other data, --save_sims may not write into the run outside its `data-<short>/` folder: the run's own files stay as they are."
+    from laps.guards import is_inside
+    if place is None or place[0] == place[1] or not save_sims: return
+    if is_inside(save_sims, place[0]) and not is_inside(save_sims, place[1]):
+        raise ValueError(f"--save_sims {save_sims}: inside run {place[0]}, which this command evaluates on other data; "
+                         f"save it under {place[1]}/ or outside the run")
+
 def evaluate_target(target, args):
-    "(metrics with `data` and `model`, sims, cfg, split, `_results_place`) of one run folder, checkpoint folder or .pth under `laps eval`'s flags; None off rank 0."
+    "(metrics with `data` and `model`, sims, cfg, split, `_results_place`) of a run, checkpoint or .pth; None off rank 0."
     from laps.checkpoint import load_any_checkpoint
     from laps.datasets import get_dataset
     from laps.evaluation import evaluate_split, data_fingerprint, model_identity
@@ -192,6 +200,8 @@ def evaluate_target(target, args):
     model.cross_net.engine = cfg.engine
     split = args.split or get_dataset(cfg.dataset).test_split
     provenance = dict(data=data_fingerprint(cfg, split), model=model_identity(info))   # what is read, before reading it
+    place = _results_place(info, run_cfg, cfg, provenance['data'])
+    _check_save_sims(place, getattr(args, 'save_sims', None))
     where = init_distributed(None, cfg.device, cfg.gpu_id)              # under torchrun: one shard per process
     try:
         model.to(where.device)
@@ -199,7 +209,7 @@ def evaluate_target(target, args):
         barrier(where)
     finally: cleanup_distributed(where)
     if not where.is_main: return None                                   # only rank 0 reports and writes
-    return {**metrics, **provenance}, sims, cfg, split, _results_place(info, run_cfg, cfg, provenance['data'])
+    return {**metrics, **provenance}, sims, cfg, split, place
 
 # %% ../nbs/97_cli.ipynb #204e22a6
 def _note(msg: str) -> None: print(f"laps eval: {printable(msg)}", file=sys.stderr)
@@ -220,7 +230,7 @@ def _write_results(folder: Path, name: str, record: dict) -> Path:
     return write_json_atomic(folder / name, {**record, 'command': command_record(['laps', *sys.argv[1:]])})
 
 def _record_run_metrics(place: tuple[Path, Path] | None, cfg, split: str, metrics: dict, sims) -> None:
-    "`metrics_<split>.json` of an evaluated run checkpoint in its results folder, no stale matrix beside it, and on its own data its model card."
+    "`metrics_<split>.json` of a run's checkpoint in its results folder, no stale matrix beside it; on its own data, the card."
     from laps.checkpoint import refresh_model_card
     from laps.metrics import refresh_stale_sims
     if place is None: return
@@ -267,7 +277,7 @@ def _eval_ensemble(args) -> int:
     return 0
 
 def _eval_two_stage(args) -> int:
-    "`laps eval RUN --rerank_topk K`: the two-stage comparison of one run, printed and written as metrics_<split>_rerank<K>.json in its results folder."
+    "`laps eval RUN --rerank_topk K`: the two-stage comparison of one run, printed and kept as metrics_<split>_rerank<K>.json."
     from laps.checkpoint import load_any_checkpoint
     from laps.datasets import get_dataset
     from laps.evaluation import data_fingerprint, model_identity

@@ -178,7 +178,7 @@ def eval_data_files(dataset: str, split: str) -> list[str]:
                     else [f'{split}_minimal_pairs.json'])
 
 def data_fingerprint(cfg, split: str) -> dict:
-    "Which data an evaluation of `split` under `cfg` reads: dataset, split, resolved folders, each file's SHA-256; `sha256` over all, `short` its first 12 hex digits."
+    "What evaluating `split` under `cfg` reads: dataset, split, resolved folders, files' SHA-256; `sha256` over all, `short` its 12 first."
     folder = Path(cfg.data_path) / cfg.dataset
     files = {n: sha256_file(folder / n) for n in eval_data_files(cfg.dataset, split) if (folder / n).is_file()}
     d = dict(dataset=cfg.dataset, split=split, data_path=str(Path(cfg.data_path).resolve()),
@@ -203,6 +203,6 @@ def same_data(run_cfg, cfg) -> bool:
     return _data_place(run_cfg) == _data_place(cfg)
 
 def eval_results_folder(run_dir, run_cfg, cfg, data: dict) -> Path:
-    "Where an evaluation under `cfg` writes into `run_dir`: the run itself on its own data, else `run_dir/data-<short>` (`data`: a `data_fingerprint`)."
+    "Where evaluating under `cfg` writes into `run_dir`: itself on its own data, else `run_dir/data-<short>` (`data_fingerprint`)."
     if same_data(run_cfg, cfg): return Path(run_dir)
     return contained(run_dir, f"data-{data['short']}", f'laps eval: results folder in {run_dir}')   # no link out of the run

@@ -188,7 +188,7 @@ def save_sims(path, sims, dataset: str | None = None, split: str | None = None,
               data: dict | None = None,  # which data produced it (`laps.evaluation.data_fingerprint`), for the sidecar
               model: dict | None = None,  # which model (`laps.evaluation.model_identity`), for the sidecar
               ) -> Path:
-    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`); with `dataset`, a JSON sidecar says how to score it and what produced it."
+    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`); with `dataset`, a JSON sidecar: how to score it, what made it."
     arr, path, meta = _as_numpy(sims), Path(path), sims_metadata_path(path)
     record = None if dataset is None else {'dataset': dataset, 'split': split, 'protocol': sims_protocol(dataset),
                                            'shape': list(arr.shape),
@@ -281,7 +281,7 @@ def sims_source(meta: dict) -> str:
     return f"data {data.get('short')} ({data.get('data_path')}), model {model.get('path')} (sha256 {model['sha256'][:12]})"
 
 def refresh_stale_sims(folder, sims, dataset: str, split: str, data: dict, model: dict) -> list[tuple[Path, str]]:
-    "Re-save `sims` over each matrix directly in `folder` whose sidecar names `dataset` and `split` but other data, another model or neither: [(path, what it held)]."
+    "Re-save `sims` over each matrix in `folder` of `dataset`/`split` from other data or model (or unrecorded): [(path, what it held)]."
     out = []
     for p in sorted(Path(folder).glob('*.npy')):
         if p.is_symlink() or not p.is_file(): continue                     # a link may lead outside the folder

@@ -100,6 +100,11 @@ def test_eval_on_other_data_never_touches_the_runs_results(world, run, capsys, m
     two = _eval(capsys, monkeypatch, run, '--split', 'test', '--data_path', world['other'], '--rerank_topk', 2,
                 '--exhaustive', 0, '--json')
     assert json.loads(two.out)['data'] == other['data']                               # the same data: the same folder
+    argv = ['eval', str(run), '--split', 'test', '--data_path', str(world['other']), '--save_sims', str(run / 'sims_test.npy')]
+    capsys.readouterr()
+    assert main(argv) == 2                                                            # nor by a path given inside the run
+    assert capsys.readouterr().err == (f"laps: error: --save_sims {run / 'sims_test.npy'}: inside run {run}, which this "
+                                       f"command evaluates on other data; save it under {folder}/ or outside the run\n")
     after = _files(run)
     assert {k: v for k, v in after.items() if k in before} == before                  # nothing of the run changed
     assert sorted(set(after) - set(before)) == [f"{folder.name}/{n}" for n in (
