@@ -178,21 +178,39 @@ def cmd_train(args) -> int:
           + (f" (epoch {m['epoch']})" if 'epoch' in m else ''))
     return 0
 
-# %% ../nbs/97_cli.ipynb #e0c2a7b2
+# %% ../nbs/97_cli.ipynb #64f9bb77
 def released_runs(dataset: str, root='runs') -> list[Path]:
     "The run folders the released eval.py evaluates, `<root>/<dataset>_vit` and `<root>/<dataset>_swin`, that exist."
     return [p for kind in ('vit', 'swin') if (p := Path(root) / f'{dataset}_{kind}').is_dir()]
 
+def _results_place(info: dict, run_cfg, cfg, data: dict) -> tuple[Path, Path] | None:
+    "(run directory, folder for the results) of an evaluated checkpoint that belongs to a run, else None (nothing is written)."
+    from laps.evaluation import eval_results_folder
+    ckpt = Path(info.get('path', ''))
+    if info.get('format') != 'laps' or not (ckpt.parent / 'commands.jsonl').is_file(): return None
+    return ckpt.parent, eval_results_folder(ckpt.parent, run_cfg, cfg, data)
+
+def _check_save_sims(place: tuple[Path, Path] | None, save_sims) -> None:
+    "On other data, --save_sims may not write into the run outside its `data-<short>/` folder: the run's own files stay as they are."
+    from laps.guards import is_inside
+    if place is None or place[0] == place[1] or not save_sims: return
+    if is_inside(save_sims, place[0]) and not is_inside(save_sims, place[1]):
+        raise ValueError(f"--save_sims {save_sims}: inside run {place[0]}, which this command evaluates on other data; "
+                         f"save it under {place[1]}/ or outside the run")
+
 def evaluate_target(target, args):
-    "(metrics, sims, cfg, split) of one run folder, checkpoint folder or .pth under `laps eval`'s flags; None off rank 0."
+    "(metrics with `data` and `model`, sims, cfg, split, `_results_place`) of a run, checkpoint or .pth; None off rank 0."
     from laps.checkpoint import load_any_checkpoint
     from laps.datasets import get_dataset
-    from laps.evaluation import evaluate_split
+    from laps.evaluation import evaluate_split, data_fingerprint, model_identity
     from laps.distributed import init_distributed, cleanup_distributed, barrier
-    model, cfg, info = load_any_checkpoint(target)
-    cfg = cfg.replace(**_eval_overrides(args))
+    model, run_cfg, info = load_any_checkpoint(target)
+    cfg = run_cfg.replace(**_eval_overrides(args))
     model.cross_net.engine = cfg.engine
     split = args.split or get_dataset(cfg.dataset).test_split
+    provenance = dict(data=data_fingerprint(cfg, split), model=model_identity(info))   # what is read, before reading it
+    place = _results_place(info, run_cfg, cfg, provenance['data'])
+    _check_save_sims(place, getattr(args, 'save_sims', None))
     where = init_distributed(None, cfg.device, cfg.gpu_id)              # under torchrun: one shard per process
     try:
         model.to(where.device)
@@ -200,26 +218,53 @@ def evaluate_target(target, args):
         barrier(where)
     finally: cleanup_distributed(where)
     if not where.is_main: return None                                   # only rank 0 reports and writes
-    _record_run_metrics(info, cfg, split, metrics)
-    return metrics, sims, cfg, split
+    return {**metrics, **provenance}, sims, cfg, split, place
 
-def _record_run_metrics(info: dict, cfg, split: str, metrics: dict) -> None:
-    "A run's checkpoint evaluated on a split other than its validation split: `metrics_<split>.json` and its model card."
+# %% ../nbs/97_cli.ipynb #204e22a6
+def _note(msg: str) -> None: print(f"laps eval: {printable(msg)}", file=sys.stderr)
+
+def _enter_results_folder(place: tuple[Path, Path], data: dict) -> None:
+    "On other data: the run's `data-<short>/` folder gets `data.json` (the fingerprint), and a note says where the results go."
     from laps.atomic import write_json_atomic
+    run_dir, folder = place
+    if folder == run_dir: return
+    write_json_atomic(folder / 'data.json', data)
+    _note(f"{data['dataset']} {data['split']} in {data['data_path']} (images {data['image_folder']}) is not the data of "
+          f"run {run_dir}: results go to {folder}/ (fingerprint {data['short']}); the run's own files stay as they are")
+
+def _write_results(folder: Path, name: str, record: dict) -> Path:
+    "`record` (with `data` and `model`) and the command that made it, as `folder/name`, atomically."
+    from laps.atomic import write_json_atomic
+    from laps.provenance import command_record
+    return write_json_atomic(folder / name, {**record, 'command': command_record(['laps', *sys.argv[1:]])})
+
+def _record_run_metrics(place: tuple[Path, Path] | None, cfg, split: str, metrics: dict, sims) -> None:
+    "`metrics_<split>.json` of a run's checkpoint in its results folder, no stale matrix beside it; on its own data, the card."
     from laps.checkpoint import refresh_model_card
-    ckpt = Path(info.get('path', ''))
-    if info.get('format') != 'laps' or split == cfg.val_split or not (ckpt.parent / 'commands.jsonl').is_file(): return
-    write_json_atomic(ckpt.parent / f'metrics_{split}.json', metrics)
-    refresh_model_card(ckpt)
+    from laps.metrics import refresh_stale_sims
+    if place is None: return
+    run_dir, folder = place
+    if folder == run_dir and split == cfg.val_split: return            # the trainer state holds these numbers
+    path = _write_results(folder, f'metrics_{split}.json', metrics)
+    for p, was in refresh_stale_sims(folder, sims, cfg.dataset, split, metrics['data'], metrics['model']):
+        _note(f"refreshed {p} with this evaluation's matrix (it held {was}), so that it agrees with {path}")
+    if folder == run_dir: refresh_model_card(metrics['model']['path'])
+
+def _provenance_text(m: dict) -> str:
+    "One line: which data (fingerprint) and which model (weights' SHA-256) produced the numbers above it."
+    d, mod = m['data'], m['model']
+    return (f"data: {d['dataset']} {d['split']} in {d['data_path']} (fingerprint {d['short']}); "
+            f"model: {mod['path']} (sha256 {mod['sha256'][:12]})")
 
 def _metrics_text(metrics: dict) -> str:
-    "The recall table (with rsum's interval) and, when there are minimal pairs, their per-kind table."
+    "The recall table (with rsum's interval), when there are minimal pairs their per-kind table, and the data and model line."
     from laps.metrics import format_metrics
     from laps.minimal_pairs import format_minimal_pairs
     text = format_metrics(metrics)
     if 'minimal_pairs' in metrics: text += '\n\n' + format_minimal_pairs(metrics['minimal_pairs'])
-    return text
+    return text + ('\n' + _provenance_text(metrics) if 'data' in metrics else '')
 
+# %% ../nbs/97_cli.ipynb #2a2e9b87
 def _eval_ensemble(args) -> int:
     from laps.metrics import evaluate_sims, ensemble_sims, ensemble_protocol, recall_ci95, save_sims
     if args.target: raise ValueError(f"laps eval: give a target ({args.target}) or --ensemble, not both")
@@ -241,28 +286,30 @@ def _eval_ensemble(args) -> int:
     return 0
 
 def _eval_two_stage(args) -> int:
-    "`laps eval RUN --rerank_topk K`: the two-stage comparison of one run, printed and written to RUN/metrics_<split>_rerank<K>.json."
+    "`laps eval RUN --rerank_topk K`: the two-stage comparison of one run, printed and kept as metrics_<split>_rerank<K>.json."
     from laps.checkpoint import load_any_checkpoint
     from laps.datasets import get_dataset
+    from laps.evaluation import data_fingerprint, model_identity
     from laps.training import resolve_device
     from laps.two_stage import evaluate_split_two_stage, format_two_stage
     if not args.target: raise ValueError("--rerank_topk evaluates one run directory, checkpoint folder or .pth: give it")
     if args.rerank_topk < 1: raise ValueError(f"--rerank_topk must be a positive number of candidates, got {args.rerank_topk}")
-    model, cfg, info = load_any_checkpoint(args.target)
-    cfg = cfg.replace(**_eval_overrides(args))
+    model, run_cfg, info = load_any_checkpoint(args.target)
+    cfg = run_cfg.replace(**_eval_overrides(args))
     model.cross_net.engine = cfg.engine
     model.to(resolve_device(cfg.device, cfg.gpu_id))
     split = args.split or get_dataset(cfg.dataset).test_split
+    provenance = dict(data=data_fingerprint(cfg, split), model=model_identity(info))
     m = evaluate_split_two_stage(model, cfg, split, args.rerank_topk, exhaustive=args.exhaustive,
                                  progress=not (args.no_progress or args.json))
-    m.update(split=split, dataset=cfg.dataset, target=str(args.target))
-    ckpt = Path(info.get('path', ''))
-    if info.get('format') == 'laps' and (ckpt.parent / 'commands.jsonl').is_file():
-        from laps.atomic import write_json_atomic
-        write_json_atomic(ckpt.parent / f'metrics_{split}_rerank{args.rerank_topk}.json', m)
-    print(json.dumps(m, sort_keys=True) if args.json else format_two_stage(m))
+    m.update(split=split, dataset=cfg.dataset, target=str(args.target), **provenance)
+    if (place := _results_place(info, run_cfg, cfg, provenance['data'])) is not None:
+        _enter_results_folder(place, m['data'])
+        _write_results(place[1], f'metrics_{split}_rerank{args.rerank_topk}.json', m)
+    print(json.dumps(m, sort_keys=True) if args.json else format_two_stage(m) + '\n' + _provenance_text(m))
     return 0
 
+# %% ../nbs/97_cli.ipynb #294b7e11
 def cmd_eval(args) -> int:
     if args.ensemble: return _eval_ensemble(args)
     if args.rerank_topk is not None: return _eval_two_stage(args)
@@ -282,10 +329,15 @@ def cmd_eval(args) -> int:
     for run in runs:
         out = evaluate_target(run, args)
         if out is None: continue
-        metrics, sims, cfg, split = out
-        if args.save_sims: save_sims(args.save_sims, sims, cfg.dataset, split)
+        metrics, sims, cfg, split, place = out
+        if place is not None: _enter_results_folder(place, metrics['data'])
+        other = place is not None and place[1] != place[0]              # other data: its results in the run's data-<short>/
+        made_by = dict(data=metrics['data'], model=metrics['model'])
+        if args.save_sims: save_sims(args.save_sims, sims, cfg.dataset, split, **made_by)
         if args.save_results:
-            save_sims((run if run.is_dir() else run.parent) / f'results_{cfg.dataset}.npy', sims, cfg.dataset, split)
+            folder = place[1] if other else run if run.is_dir() else run.parent
+            save_sims(folder / f'results_{cfg.dataset}.npy', sims, cfg.dataset, split, **made_by)
+        _record_run_metrics(place, cfg, split, metrics, sims)
         results[str(run)] = metrics
         if not args.json:
             print(_metrics_text(metrics) if args.target else f"{run} ({cfg.dataset} {split})\n{_metrics_text(metrics)}\n")

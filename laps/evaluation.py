@@ -4,6 +4,8 @@
 
 # %% ../nbs/75_evaluation.ipynb #f5f31c0b
 from __future__ import annotations
+import hashlib, json
+from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+from .guards import contained, sha256_file
+from .datasets import image_folder
 from .distributed import is_distributed, all_gather_cat
 from .data import load_tokenizer, build_eval_loaders
 from .minimal_pairs import load_minimal_pairs, minimal_pair_report, pair_blocks, pair_rows, probe_split
@@ -19,7 +23,8 @@ from .metrics import evaluate_sims, recall_ci95
 # %% auto #0
 __all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
            'shard_loader', 'score_split', 'pair_block_scores', 'minimal_pair_entries', 'minimal_pair_metrics',
-           'probe_pair_blocks', 'evaluate_minimal_pairs', 'evaluate_split']
+           'probe_pair_blocks', 'evaluate_minimal_pairs', 'evaluate_split', 'eval_data_files', 'data_fingerprint',
+           'model_identity', 'same_data', 'eval_results_folder']
 
 # %% ../nbs/75_evaluation.ipynb #518e780c
 def model_device(model: nn.Module) -> torch.device:
@@ -163,3 +168,41 @@ def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: 
     if probe is None: metrics.update(minimal_pair_metrics(sims, data, cfg.data_path, cfg.dataset))
     else: metrics.update(minimal_pair_entries(evaluate_minimal_pairs(model, cfg, probe, tokenizer, progress, batch_size)))
     return metrics, sims
+
+# %% ../nbs/75_evaluation.ipynb #400323f2
+def eval_data_files(dataset: str, split: str) -> list[str]:
+    "Names, in `<data_path>/<dataset>/`, of the text files of `split`: captions, ids, id mapping and its minimal-pair files."
+    names = [f'{split}_caps.txt', f'{split}_ids.txt', 'id_mapping.json']
+    probe = probe_split(dataset, split)
+    return names + ([f'{probe}_caps.txt', f'{probe}_ids.txt', f'{probe}_minimal_pairs.json'] if probe
+                    else [f'{split}_minimal_pairs.json'])
+
+def data_fingerprint(cfg, split: str) -> dict:
+    "What evaluating `split` under `cfg` reads: dataset, split, resolved folders, files' SHA-256; `sha256` over all, `short` its 12 first."
+    folder = Path(cfg.data_path) / cfg.dataset
+    files = {n: sha256_file(folder / n) for n in eval_data_files(cfg.dataset, split) if (folder / n).is_file()}
+    d = dict(dataset=cfg.dataset, split=split, data_path=str(Path(cfg.data_path).resolve()),
+             image_folder=str(image_folder(cfg).resolve()), files=files)
+    digest = hashlib.sha256(json.dumps({k: d[k] for k in ('dataset', 'split', 'image_folder', 'files')},
+                                       sort_keys=True).encode()).hexdigest()   # images: their folder stands for them
+    return {**d, 'sha256': digest, 'short': digest[:12]}
+
+def model_identity(info: dict) -> dict:
+    "Which checkpoint was scored (`info` of `load_any_checkpoint`): path, format, its weights file's SHA-256, trainer epoch/step when saved."
+    path = Path(info['path'])
+    weights = path / 'model.safetensors' if path.is_dir() else path
+    out = dict(path=str(path.resolve()), format=info.get('format'), weights=weights.name, sha256=sha256_file(weights))
+    return {**out, **{k: info[k] for k in ('epoch', 'step') if isinstance(info.get(k), int)}}
+
+# %% ../nbs/75_evaluation.ipynb #1eb044c9
+def _data_place(cfg) -> tuple:
+    return cfg.dataset, Path(cfg.data_path).resolve(), image_folder(cfg).resolve()
+
+def same_data(run_cfg, cfg) -> bool:
+    "True when `cfg` evaluates the data of `run_cfg` (a run's saved config): same dataset, data folder and image folder, resolved."
+    return _data_place(run_cfg) == _data_place(cfg)
+
+def eval_results_folder(run_dir, run_cfg, cfg, data: dict) -> Path:
+    "Where evaluating under `cfg` writes into `run_dir`: itself on its own data, else `run_dir/data-<short>` (`data_fingerprint`)."
+    if same_data(run_cfg, cfg): return Path(run_dir)
+    return contained(run_dir, f"data-{data['short']}", f'laps eval: results folder in {run_dir}')   # no link out of the run

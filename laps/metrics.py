@@ -16,7 +16,7 @@ from .datasets import get_dataset
 __all__ = ['METRIC_KEYS', 'RECALL_CI_KEYS', 'retrieval_ranks_naive', 'retrieval_ranks', 'metrics_from_ranks', 'retrieval_metrics',
            'retrieval_metrics_naive', 'evaluate_sims', 'hits_from_ranks', 'recall_hits', 'protocol_recall_hits',
            'recall_ci95', 'format_metrics', 'sims_metadata_path', 'sims_protocol', 'save_sims', 'load_sims',
-           'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol']
+           'load_sims_metadata', 'ensemble_sims', 'ensemble_protocol', 'sims_source', 'refresh_stale_sims']
 
 # %% ../nbs/65_metrics.ipynb #e850aa15
 def retrieval_ranks_naive(sims, captions_per_image: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -184,11 +184,15 @@ def sims_protocol(dataset: str) -> dict:
     spec = get_dataset(dataset)
     return {'captions_per_image': spec.captions_per_image, **dataclasses.asdict(spec.protocol)}
 
-def save_sims(path, sims, dataset: str | None = None, split: str | None = None) -> Path:
-    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`); with `dataset`, a JSON sidecar says how to score it."
+def save_sims(path, sims, dataset: str | None = None, split: str | None = None,
+              data: dict | None = None,  # which data produced it (`laps.evaluation.data_fingerprint`), for the sidecar
+              model: dict | None = None,  # which model (`laps.evaluation.model_identity`), for the sidecar
+              ) -> Path:
+    "Write a similarity matrix to `path` (.npy) atomically (`laps.atomic`); with `dataset`, a JSON sidecar: how to score it, what made it."
     arr, path, meta = _as_numpy(sims), Path(path), sims_metadata_path(path)
     record = None if dataset is None else {'dataset': dataset, 'split': split, 'protocol': sims_protocol(dataset),
-                                           'shape': list(arr.shape)}
+                                           'shape': list(arr.shape),
+                                           **{k: v for k, v in (('data', data), ('model', model)) if v is not None}}
     with atomic_file(path, 'wb') as f: np.save(f, arr)
     if record is None: meta.unlink(missing_ok=True)                     # a stale sidecar would describe another matrix
     else: write_json_atomic(meta, record)
@@ -205,7 +209,7 @@ def load_sims(path, mmap: bool = False) -> np.ndarray:
     return arr
 
 def load_sims_metadata(path) -> dict | None:
-    "The sidecar `save_sims` wrote beside `path` (dataset, split, protocol, shape), or None when there is none."
+    "The sidecar `save_sims` wrote beside `path` (dataset, split, protocol, shape; data and model when recorded), or None when there is none."
     meta = sims_metadata_path(path)
     if not meta.is_file(): return None
     try: d = json.loads(meta.read_text())
@@ -213,6 +217,16 @@ def load_sims_metadata(path) -> dict | None:
     if not isinstance(d, dict) or not {'dataset', 'split', 'protocol', 'shape'} <= set(d):
         raise ValueError(f"{meta}: expected a JSON object with dataset, split, protocol and shape")
     return d
+
+# %% ../nbs/65_metrics.ipynb #a5b46b4d
+def _check_same_data(found: dict) -> None:
+    "Members whose sidecars carry data fingerprints must have been computed on the same data."
+    fps = {p: m['data'] for p, m in found.items() if isinstance(m.get('data'), dict) and m['data'].get('sha256')}
+    (p0, d0), *rest = list(fps.items()) or [(None, None)]
+    for p, d in rest:
+        if d['sha256'] != d0['sha256']:
+            raise ValueError(f"{p} was computed on data {d.get('short')} ({d.get('data_path')}) but {p0} on "
+                             f"{d0.get('short')} ({d0.get('data_path')}); an ensemble averages matrices of the same data")
 
 def ensemble_sims(paths_or_arrays) -> np.ndarray:
     "Average of several similarity matrices (paths to .npy files or arrays), checking their shapes."
@@ -243,6 +257,7 @@ def ensemble_protocol(paths, dataset: str | None = None, split: str | None = Non
         for k in ('dataset', 'split', 'protocol'):
             if m[k] != ref[k]: raise ValueError(f"{p} holds {k} {m[k]!r} but {ref_path} holds {ref[k]!r}; "
                                                 f"an ensemble averages matrices of one split under one protocol")
+    _check_same_data(found)
     if ref is not None and ref['protocol'] != sims_protocol(ref['dataset']):
         raise ValueError(f"{sims_metadata_path(ref_path)}: saved under protocol {ref['protocol']}, but dataset "
                          f"{ref['dataset']!r} is registered with {sims_protocol(ref['dataset'])}")
@@ -255,3 +270,26 @@ def ensemble_protocol(paths, dataset: str | None = None, split: str | None = Non
         raise ValueError(f"{', '.join(missing)}: no .json sidecar naming the dataset {what}; "
                          f"pass --dataset to say whose evaluation protocol applies")
     return {'dataset': dataset or ref['dataset'], 'split': split or (ref['split'] if ref else None)}
+
+# %% ../nbs/65_metrics.ipynb #07652cac
+def _sha(d) -> str | None: return d.get('sha256') if isinstance(d, dict) else None
+
+def sims_source(meta: dict) -> str:
+    "What produced a saved matrix, in words, from its sidecar: its data and model, or that they were not recorded."
+    data, model = meta.get('data'), meta.get('model')
+    if not _sha(data) or not _sha(model): return 'no data fingerprint or model identity (saved before they were recorded)'
+    return f"data {data.get('short')} ({data.get('data_path')}), model {model.get('path')} (sha256 {model['sha256'][:12]})"
+
+def refresh_stale_sims(folder, sims, dataset: str, split: str, data: dict, model: dict) -> list[tuple[Path, str]]:
+    "Re-save `sims` over each matrix in `folder` of `dataset`/`split` from other data or model (or unrecorded): [(path, what it held)]."
+    out = []
+    for p in sorted(Path(folder).glob('*.npy')):
+        if p.is_symlink() or not p.is_file(): continue                     # a link may lead outside the folder
+        try: meta = load_sims_metadata(p)
+        except ValueError: continue                                       # an unreadable sidecar: whose matrix is unknown
+        if meta is None or (meta['dataset'], meta['split']) != (dataset, split): continue
+        if (_sha(meta.get('data')), _sha(meta.get('model'))) == (_sha(data), _sha(model)): continue
+        was = sims_source(meta)
+        save_sims(p, sims, dataset, split, data=data, model=model)
+        out.append((p, was))
+    return out

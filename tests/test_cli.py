@@ -174,9 +174,14 @@ def test_released_eval_command(released_layout):
     for run in ('runs/f30k_vit', 'runs/f30k_swin'):                      # a table per model, in the released order
         sims = load_sims(root / run / 'results_f30k.npy')
         assert sims.shape == (N_IMG, 5 * N_IMG)
-        assert json.loads(sims_metadata_path(root / run / 'results_f30k.npy').read_text()) == \
+        meta = json.loads(sims_metadata_path(root / run / 'results_f30k.npy').read_text())
+        assert {k: v for k, v in meta.items() if k not in ('data', 'model')} == \
             {'dataset': 'f30k', 'split': 'test', 'shape': [N_IMG, 5 * N_IMG],
              'protocol': {'captions_per_image': 5, 'fold_size': None, 'full_pass_prefix': None}}
+        # the sidecar says which data and which model produced the matrix (the released runs are model folders, not
+        # run directories: the matrix goes beside them, as the released eval.py put it)
+        assert (meta['data']['data_path'], meta['data']['split']) == (str((root / 'data').resolve()), 'test')
+        assert meta['model']['path'] == str((root / run / ('checkpoint_best' if 'vit' in run else '')).resolve())
         expected = {**evaluate_sims(sims, 'f30k'), **recall_ci95(sims, 'f30k')}
         assert f"{run} (f30k test)\n{format_metrics(expected)}" in out.stdout            # with rsum's interval
     assert out.stdout.index('runs/f30k_vit') < out.stdout.index('runs/f30k_swin')
@@ -248,7 +253,9 @@ def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run):
     assert len(kinds) == 7 and len(probes) == 7                                  # every kind of the generator, one pair each
     for row in (mp['overall'], *mp['kinds'].values(), mp['bow']['overall'], *mp['bow']['kinds'].values()):
         for s in SCORES: assert row[f'{s}_ci95'][0] <= row[s] <= row[f'{s}_ci95'][1]
-    assert json.loads((synthetic_run / 'metrics_test.json').read_text()) == m     # the run records the same
+    written = json.loads((synthetic_run / 'metrics_test.json').read_text())
+    assert {k: v for k, v in written.items() if k != 'command'} == m             # the run records the same
+    assert written['command']['argv'][:2] == ['laps', 'eval'] and m['data']['split'] == 'test'   # and what made them
     text = _laps('eval', synthetic_run, '--split', 'test', '--no_progress')
     assert text.returncode == 0, text.stderr[-3000:]
     assert format_minimal_pairs(mp) in text.stdout and '95% CI [' in text.stdout

@@ -52,7 +52,9 @@ def test_train_kill_resume_and_eval(tiny_data, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(out.stdout.strip().splitlines()[-1])
     # the run records the test metrics, and its best checkpoint's model card names them
-    assert json.loads((run / 'metrics_test.json').read_text()) == metrics
+    written = json.loads((run / 'metrics_test.json').read_text())
+    assert {k: v for k, v in written.items() if k != 'command'} == metrics          # and with it the command that made them
+    assert metrics['data']['data_path'] == str(tiny_data.resolve()) and metrics['model']['path'].endswith('checkpoint_best')
     card = (run / 'checkpoint_best' / 'README.md').read_text()
     assert 'metrics_test.json' in card and f"{metrics['rsum']:.1f}" in card
     for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum', 'minimal_pair_i2t', 'minimal_pair_t2i'):
@@ -68,7 +70,8 @@ def test_train_kill_resume_and_eval(tiny_data, tmp_path):
     out2 = _laps('eval', '--ensemble', tmp_path / 'sims.npy', '--dataset', 'synthetic', '--data_path', tiny_data, '--json')
     assert out2.returncode == 0, out2.stderr[-3000:]
     ens = json.loads(out2.stdout.strip().splitlines()[-1])
-    recall = [k for k in metrics if not k.startswith('minimal_pair')]      # the probe split is scored from the model, not the matrix
+    recall = [k for k in metrics if not k.startswith('minimal_pair') and k not in ('data', 'model')]   # the probe split is
+                                                                           # scored from the model, not the matrix
     assert recall and {k: ens[k] for k in recall} == {k: metrics[k] for k in recall}
 
 
