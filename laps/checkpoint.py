@@ -12,15 +12,18 @@ from .atomic import atomic_folder, with_backup, write_text_atomic
 from .config import LapsConfig
 from .rng import rng_states
 from .state_dicts import CheckpointError
-from .pretrained import write_pretrained, load_pretrained, read_json, config_from_json, model_card, backbone_from_dict
+from .pretrained import (write_pretrained, load_pretrained, read_json, config_from_json, model_card, backbone_from_dict,
+                             model_file)
 from .model import LAPSModel, unwrap_model
 from .legacy import load_legacy_checkpoint
 
 # %% auto #0
-__all__ = ['save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'refresh_model_card', 'resolve_checkpoint',
-           'load_any_checkpoint']
+__all__ = ['TRAINER_FILES', 'save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'refresh_model_card',
+           'resolve_checkpoint', 'load_any_checkpoint']
 
 # %% ../nbs/67_checkpoint.ipynb #19b4d09e
+TRAINER_FILES = ('trainer_state.json', 'trainer_state.pt')
+
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
                     optimizer=None, save_rng: bool = True) -> Path:
     "Write a checkpoint folder atomically: a save_pretrained folder plus the trainer state (for resume)."
@@ -31,48 +34,56 @@ def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, train
     extra = {'optimizer': optimizer.state_dict()} if optimizer is not None else {}
     if save_rng: extra['rng'] = rng_states()
     with atomic_folder(path) as tmp:                                    # tmp is next to path: the card finds the run dir
-        write_pretrained(tmp, model, cfg, state=trainer_state)
         (tmp / 'trainer_state.json').write_text(state_json + '\n')
         if extra: torch.save(extra, tmp / 'trainer_state.pt')
+        write_pretrained(tmp, model, cfg, state=trainer_state,           # its checksums.json covers the trainer state too
+                         checksummed=TRAINER_FILES if extra else TRAINER_FILES[:1])
     return path
 
 def load_trainer_state(path, map_location='cpu') -> dict:
-    "The trainer state of a checkpoint folder: JSON fields plus optimizer/rng if saved."
+    "The trainer state of a checkpoint folder: JSON fields plus optimizer/rng if saved (checksums: `load_checkpoint`)."
     path = Path(path)
-    state = read_json(path / 'trainer_state.json') if (path / 'trainer_state.json').is_file() else {}
-    if (path / 'trainer_state.pt').is_file():
-        try: state.update(torch.load(path / 'trainer_state.pt', map_location=map_location, weights_only=True))
+    js, pt = (model_file(path, name) for name in TRAINER_FILES)         # a link out of the folder is refused
+    state = read_json(js) if js.is_file() else {}
+    if pt.is_file():
+        try: state.update(torch.load(pt, map_location=map_location, weights_only=True))
         except Exception as e:
             raise CheckpointError(f"{path / 'trainer_state.pt'}: unreadable trainer state ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return state
 
+def _with_backup(path: Path) -> Path:
+    "`laps.atomic.with_backup`, refusing a backup that is a symbolic link out of the folder that holds `path`."
+    found = with_backup(path)
+    return found if found == path else model_file(path.parent, found.name)
+
 def load_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = None) -> tuple[LAPSModel, LapsConfig, dict]:
     "Rebuild the model of a checkpoint folder offline and load its weights: (model, cfg, state)."
-    path = with_backup(Path(path))
-    model = load_pretrained(LAPSModel, path, map_location, cfg)
+    path = _with_backup(Path(path))
+    model = load_pretrained(LAPSModel, path, map_location, cfg)          # verifies every file checksums.json records
     return model, model.cfg, {'format': 'laps', 'path': str(path), **load_trainer_state(path, map_location)}
 
 def refresh_model_card(path) -> Path | None:
     "Rewrite the README.md of a checkpoint folder in a run directory from its config, trainer state and the run's files."
     path = Path(path)
     if not (path.parent / 'commands.jsonl').is_file(): return None        # not in a run directory: the card stays
-    cfg = config_from_json(read_json(path / 'config.json'), path / 'config.json')
-    state = read_json(path / 'trainer_state.json') if (path / 'trainer_state.json').is_file() else None
-    try: backbones = {k: backbone_from_dict(v) for k, v in read_json(path / 'backbones.json').items() if k in ('vision', 'text')}
+    conf, js, bb = (model_file(path, n) for n in ('config.json', 'trainer_state.json', 'backbones.json'))
+    cfg = config_from_json(read_json(conf), conf)
+    state = read_json(js) if js.is_file() else None
+    try: backbones = {k: backbone_from_dict(v) for k, v in read_json(bb).items() if k in ('vision', 'text')}
     except (KeyError, TypeError, ValueError): backbones = None
     return write_text_atomic(path / 'README.md', model_card(cfg, path.parent, state, backbones=backbones))
 
 # %% ../nbs/67_checkpoint.ipynb #0b796704
 def resolve_checkpoint(path) -> tuple[str, Path]:
-    "('laps' | 'legacy', path) for a run folder, a checkpoint folder or a .pth file."
-    path = with_backup(Path(path))
+    "('laps' | 'legacy', path) for a run folder, a checkpoint folder or a .pth file; a run folder's entries stay inside it."
+    path = _with_backup(Path(path))
     if path.is_file(): return 'legacy', path
     if not path.is_dir(): raise FileNotFoundError(f"checkpoint {path} does not exist")
     if (path / 'model.safetensors').is_file() or (path / 'backbones.json').is_file(): return 'laps', path
     for name in ('checkpoint_best', '.checkpoint_best.old'):
-        if (path / name / 'model.safetensors').is_file(): return 'laps', path / name
-    if (path / 'model_best.pth').is_file(): return 'legacy', path / 'model_best.pth'
+        if (model_file(path, name) / 'model.safetensors').is_file(): return 'laps', path / name
+    if model_file(path, 'model_best.pth').is_file(): return 'legacy', path / 'model_best.pth'
     if (path / 'checkpoint_last').is_dir():
         raise CheckpointError(f"{path}: run folder without checkpoint_best/; pass {path / 'checkpoint_last'} to use the last one")
     raise CheckpointError(f"{path}: neither a checkpoint folder (config.json, backbones.json, model.safetensors), "

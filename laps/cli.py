@@ -153,7 +153,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser('convert', help='convert a published .pth into a save_pretrained folder')
     c.add_argument('src', help='published LAPS checkpoint (model_best.pth)')
     c.add_argument('out', help='folder to write (config, backbone configs, safetensors weights, model card)')
-    c.add_argument('--overwrite', action='store_true', help='replace OUT when it exists and is not empty')
+    c.add_argument('--overwrite', action='store_true', help='replace OUT when it holds an earlier laps convert '
+                   'output (and nothing else); never a folder that holds SRC')
     d = sub.add_parser('data', help='dataset tools'); d.add_argument('tool', choices=('synthetic',))
     d.add_argument('rest', nargs=argparse.REMAINDER)
     b = sub.add_parser('bench', help='benchmark the reference and fast similarity engines', add_help=False)
@@ -167,6 +168,12 @@ def _eval_overrides(args) -> dict:
     keys = ('data_path', 'dataset', 'f30k_img_path', 'coco_img_path', 'engine', 'device', 'gpu_id', 'batch_size',
             'shard_size', 'workers')
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+def _check_device(device, gpu_id=None):
+    "A `--device` this machine does not have, refused before a model is loaded (`laps.training.resolve_device`)."
+    if device is None: return None
+    from laps.training import resolve_device
+    return resolve_device(device, gpu_id or 0)
 
 def cmd_train(args) -> int:
     cfg = config_from_args(args)                                       # a bad flag value fails before torch is imported
@@ -311,6 +318,7 @@ def _eval_two_stage(args) -> int:
 
 # %% ../nbs/97_cli.ipynb #294b7e11
 def cmd_eval(args) -> int:
+    _check_device(args.device, args.gpu_id)
     if args.ensemble: return _eval_ensemble(args)
     if args.rerank_topk is not None: return _eval_two_stage(args)
     if args.target: runs = [Path(args.target)]
@@ -351,6 +359,7 @@ def cmd_index(args) -> int:
     if bool(args.images) == bool(args.split): raise ValueError("laps index needs one of --images FOLDER or --split SPLIT")
     if args.batch_size < 1: raise ValueError(f"--batch_size must be a positive integer, got {args.batch_size}")
     if not args.wait >= 0: raise ValueError(f"--wait must be a number of seconds (0 or more), got {args.wait}")
+    _check_device(args.device)
     from laps.checkpoint import load_any_checkpoint
     from laps.index import build_index, list_images, split_items
     from laps.distributed import init_distributed, cleanup_distributed
@@ -389,7 +398,7 @@ def cmd_search(args) -> int:
     if args.query is not None: check_text(args.query)
     from laps.index import Index, check_rerank
     check_rerank(args.k, args.rerank, ('-k', '--rerank'))
-    index = Index.open(args.index, *args.shards, model=args.model, device=args.device,
+    index = Index.open(args.index, *args.shards, model=args.model, device=_check_device(args.device),
                        verify='all' if args.verify else 'files')
     hits = (index.search(args.query, args.k, args.rerank) if args.image is None
             else index.search_image(args.image, args.k, args.rerank))

@@ -4,7 +4,8 @@
 
 # %% ../nbs/01_config.ipynb #0ca5e507
 from __future__ import annotations
-import json, math
+import json, math, re
+from numbers import Integral, Real
 from dataclasses import dataclass, field, fields, asdict
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,40 @@ from .registry import BACKBONES, DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
 __all__ = ['TOKEN_SELECTION_STRATEGIES', 'LOSSES', 'ENGINES', 'PRESETS', 'LapsConfig', 'default_vision_backbone', 'get_config']
+
+# %% ../nbs/01_config.ipynb #e4d51e13
+def _is_int(v) -> bool: return isinstance(v, Integral)                      # bool is an Integral: 0/1 flags
+def _is_float(v) -> bool: return isinstance(v, Real) and not isinstance(v, bool)
+
+_TYPES = {  # declared type -> (accepts, what the message says is expected)
+    'int': (_is_int, 'an integer'),
+    'float': (_is_float, 'a number'),
+    'bool': (lambda v: isinstance(v, bool) or (_is_int(v) and v in (0, 1)), 'true or false'),
+    'str': (lambda v: isinstance(v, str), 'a string'),
+    'str | None': (lambda v: v is None or isinstance(v, str), 'a string or null'),
+    'list[int]': (lambda v: isinstance(v, (list, tuple)) and all(_is_int(e) and not isinstance(e, bool) for e in v),
+                  'a list of integers')}
+
+_AT_LEAST = dict(num_epochs=1, log_step=1, val_step=0, workers=0, seed=0, gpu_id=0, margin=0)  # name -> smallest value
+_POSITIVE = ('learning_rate', 'grad_clip', 'decay_rate')
+
+def _check_types(cfg) -> None:
+    "ValueError naming the first field of `cfg` whose value does not have its declared type (`_TYPES`)."
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        accepts, what = _TYPES[f.type]
+        if not accepts(v):
+            raise ValueError(f"{f.name} must be {what}, got {v!r}" + ('' if v is None else f" ({type(v).__name__})"))
+        if f.type == 'float' and not math.isfinite(v): raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+
+def _check_ranges(cfg) -> None:
+    "ValueError naming the first field of `cfg` outside its range (`_AT_LEAST`, `_POSITIVE`, the device spelling)."
+    for name, low in _AT_LEAST.items():
+        if getattr(cfg, name) < low: raise ValueError(f"{name} must be at least {low}, got {getattr(cfg, name)!r}")
+    for name in _POSITIVE:
+        if not getattr(cfg, name) > 0: raise ValueError(f"{name} must be greater than 0, got {getattr(cfg, name)!r}")
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 
 # %% ../nbs/01_config.ipynb #ab8d328b
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
@@ -86,6 +121,8 @@ class LapsConfig:
     preset: str | None = None  # name of the preset this config was resolved from
 
     def __post_init__(self):
+        _check_types(self)                                                # every field, naming it: values come from files too
+        _check_ranges(self)
         SIMILARITY_METHODS.check('similarity_calc_method', self.similarity_calc_method)
         _check_choice('token_selection_strategy', self.token_selection_strategy, TOKEN_SELECTION_STRATEGIES)
         _check_choice('vit_type', self.vit_type, _vision_families())
@@ -94,15 +131,15 @@ class LapsConfig:
         _check_choice('engine', self.engine, ENGINES)
         for name in ('sparse_ratio', 'aggr_ratio', 'token_selection_ratio'):
             v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+            if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {v!r}")
         for name in ('use_cls_as_glob_embd', 'use_token_selection', 'use_learnable_temp', 'size_augment', 'pair_batches',
                      'token_selection_trainable', 'multi_gpu', 'eval', 'save_results', 'glob_loss_detach'):
             if getattr(self, name) not in (0, 1, True, False):
                 raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
         for name in ('embed_size', 'batch_size', 'num_patches', 'img_res', 'max_word', 'shard_size'):
-            if int(getattr(self, name)) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not (isinstance(self.glob_loss_weight, (int, float)) and self.glob_loss_weight >= 0):
+            if getattr(self, name) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.glob_loss_weight >= 0:
             raise ValueError(f"glob_loss_weight must be a number >= 0, got {self.glob_loss_weight!r}")
         if self.freeze_text_layers < -1:
             raise ValueError(f"freeze_text_layers must be -1 (all), 0 (none) or a layer count, got {self.freeze_text_layers}")

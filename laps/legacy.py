@@ -7,19 +7,20 @@ from __future__ import annotations
 import argparse, logging, pickle, re
 from pathlib import Path
 import torch
-from .atomic import atomic_folder
+from .atomic import atomic_folder, backup_path
 from .config import LapsConfig, default_vision_backbone
 from .encoders import BUILTIN_CONFIGS, backbone_config, num_spatial_patches
 from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, VISION_PREFIX
-from .pretrained import build_checked, write_pretrained
+from .guards import CHECKSUMS, is_inside
+from .pretrained import PRETRAINED_FILES, build_checked, check_finite, write_pretrained
 from .model import LAPSModel
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'read_legacy_checkpoint', 'convert_legacy_state_dict', 'config_from_opt', 'fit_legacy_keys_to_config',
-           'load_legacy_checkpoint', 'convert_checkpoint']
+__all__ = ['logger', 'CONVERT_WRITES', 'read_legacy_checkpoint', 'convert_legacy_state_dict', 'config_from_opt',
+           'fit_legacy_keys_to_config', 'load_legacy_checkpoint', 'check_convert_output', 'convert_checkpoint']
 
 # %% ../nbs/66_legacy.ipynb #be36394f
 def read_legacy_checkpoint(path) -> dict:
@@ -160,6 +161,7 @@ def load_legacy_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = No
     if dropped: notes.append(f"dropped {len(dropped)} transformers-4 buffer(s) that transformers 5 recomputes: "
                              f"{', '.join(sorted({k.rsplit('.', 1)[-1] for k in dropped}))}")
     state_dict = fit_legacy_keys_to_config(state_dict, cfg, notes)
+    check_finite(state_dict, path)                                       # a .pth carries no checksums
     vision = vision_backbone if vision_backbone is not None else cfg.vision_backbone
     text = text_backbone if text_backbone is not None else cfg.bert_path
     model = build_checked(LAPSModel, cfg, vision, text, state_dict, path, map_location)
@@ -170,11 +172,30 @@ def load_legacy_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = No
     return model, model.cfg, info
 
 # %% ../nbs/66_legacy.ipynb #01bde1e8
+CONVERT_WRITES = (*PRETRAINED_FILES, 'README.md', CHECKSUMS)   # all that `convert_checkpoint` writes into its folder
+
+def check_convert_output(src: Path, out: Path, overwrite: bool = False) -> None:
+    "Refuse an output folder that holds the source, or that is not empty (with `overwrite`: holds anything convert does not write)."
+    replaced = [out, backup_path(out), *out.parent.glob(f'.{out.name}.tmp-*')]   # what atomic_folder replaces or removes
+    if any(is_inside(s, r) for s in (src, src.parent) for r in replaced):
+        what = 'is the source checkpoint itself' if is_inside(out, src) else f'holds the source {src}'
+        raise ValueError(f"{out} {what}: the output folder is replaced as a whole; choose an output folder outside "
+                         f"{src.resolve().parent}")
+    if not (out.exists() or out.is_symlink()): return
+    if not out.is_dir() or out.is_symlink():
+        raise FileExistsError(f"{out} exists and is not a folder (or is a symbolic link); choose another output folder")
+    entries = sorted(out.iterdir())
+    if entries and not overwrite:
+        raise FileExistsError(f"{out} already exists and is not empty; choose another output folder or pass overwrite=True")
+    foreign = [e.name for e in entries if e.name not in CONVERT_WRITES or e.is_symlink() or not e.is_file()]
+    if foreign:
+        raise FileExistsError(f"{out} holds files laps convert does not write: {', '.join(foreign)}; overwrite replaces only "
+                              f"an earlier conversion: move them away or choose another output folder")
+
 def convert_checkpoint(src_pth, out_folder, vision_backbone=None, text_backbone=None, overwrite: bool = False) -> Path:
     "Write a published LAPS `.pth` as a `save_pretrained` folder (config, backbone configs, safetensors, model card)."
     src, out = Path(src_pth), Path(out_folder)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not empty; choose another output folder or pass overwrite=True")
+    check_convert_output(src, out, overwrite)                            # before the (long) load: nothing is touched
     model, cfg, info = load_legacy_checkpoint(src, vision_backbone=vision_backbone, text_backbone=text_backbone)
     state = {k: info[k] for k in ('epoch', 'step') if k in info}
     facts = ', '.join(f"{k} {info[k]}" for k in ('epoch', 'best_rsum', 'Eiters') if k in info)

@@ -17,15 +17,16 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .config import LapsConfig
 from .encoders import BUILTIN_CONFIGS, backbone_config
+from .guards import CHECKSUMS, is_inside, verify_file, write_checksums
 from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, check_state_dict
 
 logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'CARD_TAGS', 'CHECKPOINT_FORMAT', 'PRETRAINED_FILES', 'backbone_to_dict', 'backbone_from_dict',
-           'build_checked', 'model_card', 'write_pretrained', 'read_json', 'config_from_json', 'read_pretrained',
-           'load_pretrained', 'LapsHubMixin']
+__all__ = ['logger', 'CARD_TAGS', 'PRETRAINED_FILES', 'CHECKPOINT_FORMAT', 'backbone_to_dict', 'backbone_from_dict',
+           'build_checked', 'model_card', 'read_json', 'model_file', 'verify_folder', 'check_finite',
+           'write_pretrained', 'config_from_json', 'read_pretrained', 'load_pretrained', 'LapsHubMixin']
 
 # %% ../nbs/47b_pretrained.ipynb #39df1c76
 def backbone_to_dict(config: PretrainedConfig) -> dict:
@@ -133,9 +134,48 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
     else: lines.append('Not recorded: no evaluation was saved with this model.')
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/47b_pretrained.ipynb #eb39be61
+PRETRAINED_FILES = ('config.json', 'backbones.json', 'model.safetensors')   # what a folder needs to load; its checksums cover them
+
+def read_json(path: Path) -> dict:
+    "A JSON file of a checkpoint folder; `CheckpointError` naming it when unreadable."
+    try: return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+
+def model_file(folder, name: str, root=None) -> Path:
+    "`folder / name` if it resolves inside `root` (default: `folder`); else a `CheckpointError` naming the entry."
+    folder = Path(folder)
+    root = folder if root is None else Path(root)
+    if not isinstance(name, str) or not name: raise CheckpointError(f"{folder}: expected a file name, got {name!r}")
+    p = folder / name
+    if not is_inside(p, root):                                           # a link out, an absolute name or '..'
+        raise CheckpointError(f"{folder}: {name!r} leads outside {root} (to {p.resolve()}); a model folder's files "
+                              f"must stay inside it")
+    return p
+
+def verify_folder(folder, root=None) -> bool:
+    "Check every file `folder/checksums.json` records (inside the folder, size, SHA-256); False when there is none."
+    folder = Path(folder)
+    record = model_file(folder, CHECKSUMS, root)
+    if not record.is_file(): return False                                # written before checksums: loads as before
+    rec = read_json(record)
+    files = rec.get('files') if isinstance(rec, dict) and rec.get('algorithm') == 'sha256' else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise CheckpointError(f"{record}: expected {{'algorithm': 'sha256', 'files': {{name: {{'sha256', 'bytes'}}}}}}")
+    for name, r in files.items():                                        # not guards.verify_checksums: a Hub folder's root
+        try: verify_file(model_file(folder, name, root), r, record)
+        except ValueError as e: raise CheckpointError(str(e)) from None
+    return True
+
+def check_finite(state_dict: dict, source) -> None:
+    "`CheckpointError` naming the first floating-point tensor of `state_dict` that holds NaN or inf."
+    for k, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{source}: non-finite values (NaN or inf) in tensor {k}: the file is corrupt or was "
+                                  f"saved from a diverged run")
+
 # %% ../nbs/47b_pretrained.ipynb #4e52a3d4
 CHECKPOINT_FORMAT = {'format': 'laps-checkpoint', 'version': 1}
-PRETRAINED_FILES = ('config.json', 'backbones.json', 'model.safetensors')   # what a folder needs to load
 
 def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
     "Store identical views once (aliases: name -> kept name); clone tensors that overlap otherwise."
@@ -151,8 +191,9 @@ def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
             for k, t in out.items()}, aliases
 
 def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *, run_dir=None, state: dict | None = None,
-                     source: str | None = None) -> Path:
-    "Write config.json, backbones.json, model.safetensors and README.md (model card) of `model` into `folder`."
+                     source: str | None = None,
+                     checksummed=()) -> Path:  # further files already in `folder` that checksums.json covers (the trainer state)
+    "Write config.json, backbones.json, model.safetensors, README.md (model card) and, last, checksums.json into `folder`."
     folder = Path(folder)
     cfg = cfg if cfg is not None else model.cfg
     if run_dir is None and (folder.parent / 'commands.jsonl').is_file(): run_dir = folder.parent
@@ -165,12 +206,8 @@ def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *,
     save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt', 'aliases': json.dumps(aliases)})
     (folder / 'README.md').write_text(model_card(cfg, run_dir, state, source, {'vision': model.img_enc.visual_encoder.config,
                                                                               'text': model.txt_enc.bert.config}))
+    write_checksums(folder, [*PRETRAINED_FILES, *checksummed])           # last: an interrupted rewrite fails verification
     return folder
-
-def read_json(path: Path) -> dict:
-    "A JSON file of a checkpoint folder; `CheckpointError` naming it when unreadable."
-    try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
 
 def config_from_json(d: dict, source) -> LapsConfig:
     "A `LapsConfig` from a folder's config.json dict (unknown fields ignored with a warning); `CheckpointError` naming `source`."
@@ -180,12 +217,14 @@ def config_from_json(d: dict, source) -> LapsConfig:
     try: return LapsConfig.from_dict({k: v for k, v in d.items() if k in names})
     except (TypeError, ValueError) as e: raise CheckpointError(f"{source}: invalid configuration: {e}") from e
 
-def read_pretrained(folder) -> tuple[LapsConfig, PretrainedConfig, PretrainedConfig, dict]:
-    "(saved cfg, vision config, text config, state dict) of a folder, each file checked."
+def read_pretrained(folder, root=None) -> tuple[LapsConfig, PretrainedConfig, PretrainedConfig, dict]:
+    "(saved cfg, vision config, text config, state dict) of a folder: files inside `root` (default: the folder), checksums verified."
     path = Path(folder)
     if not path.is_dir(): raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    for name in PRETRAINED_FILES: model_file(path, name, root)            # no link out, checksums or not
     missing = [f for f in PRETRAINED_FILES if not (path / f).is_file()]
     if missing: raise CheckpointError(f"{path}: not a complete laps checkpoint folder (missing {', '.join(missing)})")
+    verified = verify_folder(path, root)
     backbones, saved = read_json(path / 'backbones.json'), config_from_json(read_json(path / 'config.json'), path / 'config.json')
     try: vision, text = backbone_from_dict(backbones['vision']), backbone_from_dict(backbones['text'])
     except (KeyError, TypeError, ValueError) as e:
@@ -196,13 +235,14 @@ def read_pretrained(folder) -> tuple[LapsConfig, PretrainedConfig, PretrainedCon
         state_dict = load_file(str(weights))
     except Exception as e:
         raise CheckpointError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+    if not verified: check_finite(state_dict, weights)                    # an older folder: no checksums to catch corruption
     state_dict.update({alias: state_dict[kept] for alias, kept in aliases.items()})
     return saved, vision, text, state_dict
 
 def load_pretrained(model_cls, folder, map_location='cpu', cfg: LapsConfig | None = None, vision_backbone=None,
-                    text_backbone=None) -> nn.Module:
+                    text_backbone=None, root=None) -> nn.Module:
     "Rebuild `model_cls` from a folder offline and load its weights (eval mode, on `map_location`)."
-    saved, vision, text, state_dict = read_pretrained(folder)
+    saved, vision, text, state_dict = read_pretrained(folder, root)
     if cfg is None: cfg = saved
     else:                                        # the saved architectures unless cfg names other backbones
         if cfg.vision_backbone != saved.vision_backbone: vision = cfg.vision_backbone
@@ -238,8 +278,9 @@ class LapsHubMixin(ModelHubMixin, library_name='laps', tags=list(CARD_TAGS)):
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
                          token=None, map_location='cpu', cfg: LapsConfig | None = None, vision_backbone=None, text_backbone=None):
-        folder = Path(model_id)
+        folder, root = Path(model_id), None
         if not folder.is_dir():
             folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                             force_download=force_download, local_files_only=local_files_only, token=token))
-        return load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone)
+            if folder.parent.name == 'snapshots': root = folder.parents[1]  # its files link into the cached repo's blobs/
+        return load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone, root)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from .config import LapsConfig
 from .atomic import write_json_atomic, append_jsonl
+from .guards import contained, is_inside
 from .provenance import command_record
 from .model import LAPSModel
 from .training import seed_everything, optimizer_for, set_epoch_lr, training_step, make_alignment_loss, resolve_device
@@ -25,7 +26,7 @@ from .metrics import save_sims
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
-__all__ = ['RunLogger', 'prepare_run_dir', 'Trainer', 'prepare_training', 'train']
+__all__ = ['RunLogger', 'check_run_dir', 'prepare_run_dir', 'Trainer', 'prepare_training', 'train']
 
 # %% ../nbs/78_runner.ipynb #5798ffb6
 class RunLogger:
@@ -46,10 +47,21 @@ class RunLogger:
     def close(self):
         if self.tb is not None: self.tb.close()
 
+def check_run_dir(logger_name: str) -> Path:
+    "The run directory `logger_name`, refused when empty, the current folder or above it, or when an entry links out of it."
+    if not logger_name.strip(): raise ValueError("--logger_name is empty: name the run directory (e.g. runs/my_run)")
+    run_dir = Path(logger_name)
+    if is_inside(Path.cwd(), run_dir):                                   # '.', '..', '/', the absolute cwd
+        raise ValueError(f"--logger_name {logger_name!r} is {run_dir.resolve()}, which holds the current folder; a run "
+                         f"writes its files there: name a folder of its own (e.g. runs/my_run)")
+    if run_dir.is_dir():                                                 # appended to, resumed from, read: nothing outside
+        for e in sorted(run_dir.iterdir()): contained(run_dir, e.name, f"run directory {run_dir}")
+    return run_dir
+
 def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, write: bool = True,
                     world_size: int = 1) -> Path:  # processes of the run (recorded: the loss sees world_size x batch_size pairs)
     "Create or reopen the run directory, refusing to overwrite a run without --resume; record the command."
-    run_dir = Path(cfg.logger_name)
+    run_dir = check_run_dir(cfg.logger_name)
     if (run_dir / 'checkpoint_last').exists() and not resume:
         raise FileExistsError(f"run directory {run_dir} already holds a run (checkpoint_last/); pass --resume to "
                               f"continue it or choose another --logger_name")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/70_training.ipynb #b9940a56
 from __future__ import annotations
-import inspect, random
+import inspect, random, re
 import numpy as np
 import torch
 from torch import nn
@@ -20,13 +20,22 @@ __all__ = ['resolve_device', 'seed_everything', 'backbone_parameters', 'build_op
            'set_epoch_lr', 'make_alignment_loss', 'training_step']
 
 # %% ../nbs/70_training.ipynb #14feee6a
+def _cuda_devices(n: int) -> str:
+    return f"this machine has {n} CUDA device{'s' if n > 1 else ''} (cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})"
+
 def resolve_device(device: str = 'auto', gpu_id: int = 0) -> torch.device:
-    "The torch device for a run: 'auto' -> cuda:gpu_id if CUDA is available, else cpu."
-    if device == 'auto': return torch.device(f'cuda:{gpu_id}' if torch.cuda.is_available() else 'cpu')
-    dev = torch.device(device)
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} asked for CUDA, but torch.cuda.is_available() is False on this machine")
-    return dev
+    "The torch device for a run ('auto': cuda:gpu_id if CUDA is available, else cpu); a device that is not there is one ValueError."
+    m = re.fullmatch(r'auto|cpu|cuda(?::(\d+))?', device) if isinstance(device, str) else None
+    if m is None: raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == 'cpu' or (device == 'auto' and n == 0): return torch.device('cpu')
+    if n == 0:
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) has no CUDA device; use --device cpu or auto")
+    if device == 'auto':
+        if not 0 <= gpu_id < n: raise ValueError(f"--gpu_id {gpu_id}: {_cuda_devices(n)}")
+        return torch.device('cuda', gpu_id)
+    if m[1] is not None and int(m[1]) >= n: raise ValueError(f"--device {device}: {_cuda_devices(n)}")
+    return torch.device(device)
 
 def seed_everything(seed: int) -> None:
     "Seed Python, NumPy and torch (all devices)."

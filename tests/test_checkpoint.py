@@ -201,7 +201,8 @@ def test_save_pretrained_from_pretrained_offline(vision, tiny_bert, tmp_path, re
     with torch.no_grad():
         for p in model.parameters(): p.add_(0.05 * torch.randn_like(p))
     model.save_pretrained(tmp_path / 'm')
-    assert sorted(f.name for f in (tmp_path / 'm').iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert sorted(f.name for f in (tmp_path / 'm').iterdir()) == ['README.md', 'backbones.json', 'checksums.json', 'config.json',
+                                                                  'model.safetensors']
     assert LapsConfig.from_dict(json.loads((tmp_path / 'm' / 'config.json').read_text())) == model.cfg
     _no_network(monkeypatch)
     loaded = LAPSModel.from_pretrained(tmp_path / 'm')
@@ -291,6 +292,9 @@ def test_corrupt_or_incomplete_folder(tiny_vit, tiny_bert, tmp_path):
     p = save_checkpoint(tmp_path / 'ck', _model(tiny_vit, tiny_bert))
     data = (p / 'model.safetensors').read_bytes()
     (p / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf'(?s)ck/model\.safetensors: {len(data) // 2} bytes, but .*checksums\.json recorded {len(data)}'):
+        load_checkpoint(p)                                                   # the checksums catch it first
+    (p / 'checksums.json').unlink()                                          # a folder from before checksums: the readers' errors
     with pytest.raises(CheckpointError, match=r'(?s)ck/model\.safetensors: unreadable safetensors'):
         load_checkpoint(p)
     (p / 'model.safetensors').unlink()
@@ -470,7 +474,7 @@ def test_legacy_without_opt_needs_cfg(tmp_path):
 def test_convert_checkpoint_gives_the_same_outputs(name, tmp_path, monkeypatch):
     out = convert_checkpoint(FIX / f'{name}.pth', tmp_path / 'converted', **TINY[name])
     assert out == tmp_path / 'converted'
-    assert sorted(f.name for f in out.iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert sorted(f.name for f in out.iterdir()) == ['README.md', 'backbones.json', 'checksums.json', 'config.json', 'model.safetensors']
     ref, ref_cfg, _ = load_legacy_checkpoint(FIX / f'{name}.pth', **TINY[name])
     _no_network(monkeypatch)
     conv = LAPSModel.from_pretrained(out)                                    # no flags, no overrides
@@ -493,8 +497,14 @@ def test_convert_checkpoint_refuses_a_non_empty_folder_and_bad_sources(tmp_path)
     with pytest.raises(FileExistsError, match=r'out already exists and is not empty; .*overwrite=True'):
         convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', **TINY['legacy_vit_improved'])
     assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['keep.txt']
+    with pytest.raises(FileExistsError, match=r'out holds files laps convert does not write: keep\.txt'):   # overwrite: only its own
+        convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', overwrite=True, **TINY['legacy_vit_improved'])
+    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['keep.txt']
+    (tmp_path / 'out' / 'keep.txt').unlink()
+    convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', **TINY['legacy_vit_improved'])
     convert_checkpoint(FIX / 'legacy_vit_improved.pth', tmp_path / 'out', overwrite=True, **TINY['legacy_vit_improved'])
-    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['README.md', 'backbones.json', 'config.json', 'model.safetensors']
+    assert sorted(f.name for f in (tmp_path / 'out').iterdir()) == ['README.md', 'backbones.json', 'checksums.json', 'config.json',
+                                                                    'model.safetensors']
     assert sorted(f.name for f in tmp_path.iterdir()) == ['out']                # replaced as a whole, nothing left over
     (tmp_path / 'bad.pth').write_text('hello, not a checkpoint')
     with pytest.raises(CheckpointError, match=r'bad\.pth: not a readable PyTorch checkpoint'):
