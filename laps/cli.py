@@ -169,6 +169,17 @@ def _eval_overrides(args) -> dict:
             'shard_size', 'workers')
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
+def _not_an_input(out, flag: str, files=(), folders=()) -> None:
+    "Refuse an output path that is one of the command's input files or lies inside one of its input folders (it would be overwritten)."
+    if not out: return
+    from laps.guards import is_inside
+    for f in files:
+        if f and Path(out).resolve() == Path(f).resolve():
+            raise ValueError(f"{flag} {out}: that is an input of this command ({f}); choose another file")
+    for d in folders:
+        if d and Path(d).is_dir() and is_inside(out, d):
+            raise ValueError(f"{flag} {out}: inside {d}, an input of this command; choose a place outside it")
+
 def _check_device(device, gpu_id=None):
     "A `--device` this machine does not have, refused before a model is loaded (`laps.training.resolve_device`)."
     if device is None: return None
@@ -218,6 +229,9 @@ def evaluate_target(target, args):
     provenance = dict(data=data_fingerprint(cfg, split), model=model_identity(info))   # what is read, before reading it
     place = _results_place(info, run_cfg, cfg, provenance['data'])
     _check_save_sims(place, getattr(args, 'save_sims', None))
+    ckpt = Path(info['path'])                                           # a checkpoint folder or a .pth: never written
+    _not_an_input(getattr(args, 'save_sims', None), '--save_sims', files=[ckpt],
+                  folders=[ckpt if ckpt.is_dir() else None, Path(cfg.data_path) / cfg.dataset])
     where = init_distributed(None, cfg.device, cfg.gpu_id)              # under torchrun: one shard per process
     try:
         model.to(where.device)
@@ -275,6 +289,8 @@ def _metrics_text(metrics: dict) -> str:
 def _eval_ensemble(args) -> int:
     from laps.metrics import evaluate_sims, ensemble_sims, ensemble_protocol, recall_ci95, save_sims
     if args.target: raise ValueError(f"laps eval: give a target ({args.target}) or --ensemble, not both")
+    from laps.metrics import sims_metadata_path
+    _not_an_input(args.save_sims, '--save_sims', files=[f for m in args.ensemble for f in (m, sims_metadata_path(m))])
     proto = ensemble_protocol(args.ensemble, args.dataset, args.split)
     sims = ensemble_sims(args.ensemble)
     metrics = evaluate_sims(sims, proto['dataset'])
@@ -363,6 +379,7 @@ def cmd_index(args) -> int:
     from laps.checkpoint import load_any_checkpoint
     from laps.index import build_index, list_images, split_items
     from laps.distributed import init_distributed, cleanup_distributed
+    from laps.guards import is_inside
     images = list_images(args.images) if args.images else []
     captions = []
     if args.captions:
@@ -372,7 +389,10 @@ def cmd_index(args) -> int:
         except UnicodeDecodeError as e: raise ValueError(f"--captions {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         captions = [dict(text=t) for t in text.splitlines() if t.strip()]
         if not captions: raise ValueError(f"--captions {path}: no captions in it (one per line expected)")
-    model, cfg, _ = load_any_checkpoint(args.target)
+    model, cfg, info = load_any_checkpoint(args.target)
+    ckpt = Path(info['path'])
+    if is_inside(ckpt, args.out) or (ckpt.is_dir() and is_inside(args.out, ckpt)):   # the index would be written over its model
+        raise ValueError(f"--out {args.out}: holds or lies inside the model {ckpt}; choose a folder of its own for the index")
     cfg = cfg.replace(**{k: getattr(args, k) for k in ('data_path', 'img_path', 'device') if getattr(args, k) is not None})
     if args.split:
         split_images, split_captions = split_items(cfg, args.split)
@@ -398,6 +418,7 @@ def cmd_search(args) -> int:
     if args.query is not None: check_text(args.query)
     from laps.index import Index, check_rerank
     check_rerank(args.k, args.rerank, ('-k', '--rerank'))
+    _not_an_input(args.grid, '--grid', files=[args.image], folders=[args.index, *args.shards, args.model])
     index = Index.open(args.index, *args.shards, model=args.model, device=_check_device(args.device),
                        verify='all' if args.verify else 'files')
     hits = (index.search(args.query, args.k, args.rerank) if args.image is None

@@ -141,3 +141,22 @@ def test_no_stale_matrix_beside_fresh_metrics(world, run, tmp_path, capsys, monk
     assert 'saved before they were recorded' in out.err
     np.testing.assert_array_equal(load_sims(run / 'sims_dev.npy'), np.zeros((6, 30), np.float32))
     assert json.loads((run / 'metrics_test.json').read_text())['rsum'] == m['rsum']
+
+
+def test_save_sims_never_overwrites_an_input(world, run, tmp_path, capsys, monkeypatch):
+    "--save_sims onto the checkpoint's weights, into its folder or the data folder, or onto an ensemble member: refused."
+    weights = run / 'checkpoint_best' / 'model.safetensors'
+    before = _files(run)
+    for target, expect in ((weights, 'that is an input of this command'),
+                           (run / 'checkpoint_best' / 'sims.npy', 'an input of this command; choose a place outside it'),
+                           (world['own'] / 'synthetic' / 'sims.npy', 'an input of this command; choose a place outside it')):
+        argv = ['eval', str(run), '--split', 'test', '--data_path', str(world['own']), '--save_sims', str(target), '--no_progress']
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and expect in err and '--save_sims' in err, err
+    assert _files(run) == before and not (world['own'] / 'synthetic' / 'sims.npy').exists()
+    member = tmp_path / 'a.npy'
+    save_sims(member, np.eye(8, 40, dtype=np.float32), 'synthetic', 'test')
+    kept = member.read_bytes()
+    assert main(['eval', '--ensemble', str(member), '--save_sims', str(member)]) == 2
+    assert 'that is an input of this command' in capsys.readouterr().err and member.read_bytes() == kept

@@ -315,3 +315,15 @@ def test_the_index_carries_its_model(world, tmp_path, capsys):
     shutil.rmtree(out / 'model')
     (out / 'model').symlink_to(world['head'] / 'checkpoint_best')
     _refused(capsys, 'search', out, 'a red circle', expect=('leads outside',))
+
+
+def test_outputs_never_land_on_inputs(world, idx, tmp_path, capsys):
+    "`laps search --grid` into the index it reads and `laps index --out` over its own model are refused; nothing is written."
+    before = sorted(p.name for p in idx.iterdir())
+    _refused(capsys, 'search', idx, 'a red circle', '--grid', idx / 'grid.png', expect=('--grid', 'an input of this command'))
+    assert sorted(p.name for p in idx.iterdir()) == before
+    model = Path(world['head'])
+    listing = sorted(str(p) for p in model.rglob('*'))
+    _refused(capsys, 'index', model, '--images', world['gallery'], '--out', model.parent, '--no_progress',
+             expect=('--out', 'holds or lies inside the model'))
+    assert sorted(str(p) for p in model.rglob('*')) == listing and not (model.parent / 'index.json').exists()
