@@ -147,7 +147,7 @@ def test_save_sims_never_overwrites_an_input(world, run, tmp_path, capsys, monke
     "--save_sims onto the checkpoint's weights, into its folder or the data folder, or onto an ensemble member: refused."
     weights = run / 'checkpoint_best' / 'model.safetensors'
     before = _files(run)
-    for target, expect in ((weights, 'that is an input of this command'),
+    for target, expect in ((weights, 'an input of this command'),
                            (run / 'checkpoint_best' / 'sims.npy', 'an input of this command; choose a place outside it'),
                            (world['own'] / 'synthetic' / 'sims.npy', 'an input of this command; choose a place outside it')):
         argv = ['eval', str(run), '--split', 'test', '--data_path', str(world['own']), '--save_sims', str(target), '--no_progress']
