@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_guards.ipynb #c188b317
 from __future__ import annotations
-import fcntl, hashlib, json, os, re, socket, sys, time
+import fcntl, hashlib, json, os, re, socket, stat, sys, time
 from datetime import datetime, timezone
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,20 +17,21 @@ __all__ = ['CHECKSUMS', 'LOCK_FILE', 'MAX_QUERY_CHARS', 'contained', 'is_inside'
            'printable']
 
 # %% ../nbs/04a_guards.ipynb #16fb423c
-def contained(root,  # the folder the name must stay inside
+def contained(root,  # the folder the name is read from
               name,  # a relative name read from a manifest (a str)
               where: str,  # what named it, for the message: 'INDEX/index.json: collections.images.segments[0]'
+              bound=None,  # the folder it must resolve inside (default `root`; a Hub snapshot's links lead into its cache folder)
               ) -> Path:
-    "`root / name` if it resolves inside `root` (no absolute path, no '..', no symlink out); else ValueError naming `where`."
+    "`root / name` if it resolves inside `bound` (no absolute path, no '..', no symlink out); else ValueError naming `where`."
     if not isinstance(name, str) or not name or '\x00' in name:
         raise ValueError(f"{where}: expected a file name inside {root}, got {name!r}")
     p = Path(name)
     if p.is_absolute() or '..' in p.parts:
         raise ValueError(f"{where}: {name!r} points outside {root} (absolute names and '..' are refused)")
-    top = Path(root).resolve()
-    full = (top / p).resolve()
+    top = Path(root if bound is None else bound).resolve()
+    full = (Path(root).resolve() / p).resolve()
     if full != top and top not in full.parents:
-        raise ValueError(f"{where}: {name!r} leads outside {root} (to {full}, through a symbolic link)")
+        raise ValueError(f"{where}: {name!r} leads outside {top} (to {full}, through a symbolic link)")
     return Path(root) / p
 
 def is_inside(path, root) -> bool:
@@ -70,17 +71,22 @@ def verify_file(path, recorded: dict, where) -> None:
         raise ValueError(f"{path}: SHA-256 {digest[:12]}... differs from the {str(recorded.get('sha256'))[:12]}... that "
                          f"{where} recorded: the file is corrupt or was changed after it was written")
 
-def verify_checksums(folder) -> dict | None:
+def verify_checksums(folder,
+                     required=(),  # names that must be listed (a checksums.json that leaves them out is refused)
+                     bound=None,  # the folder every listed file must resolve inside (default `folder`)
+                     ) -> dict | None:
     "Check every file `folder/checksums.json` lists (inside the folder, same size and SHA-256); None when there is none."
     folder = Path(folder)
-    f = folder / CHECKSUMS
+    f = contained(folder, CHECKSUMS, f"{folder}: {CHECKSUMS}", bound)
     if not f.is_file(): return None
     try: record = json.loads(f.read_text(encoding='utf-8'))
-    except (OSError, ValueError) as e: raise ValueError(f"{f}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e: raise ValueError(f"{f}: unreadable ({type(e).__name__})") from None
     files = record.get('files') if isinstance(record, dict) else None
-    if record.get('algorithm') != 'sha256' or not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+    if not isinstance(record, dict) or record.get('algorithm') != 'sha256' or not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
         raise ValueError(f"{f}: expected {{'algorithm': 'sha256', 'files': {{name: {{'sha256', 'bytes'}}}}}}")
-    for name, rec in files.items(): verify_file(contained(folder, name, f"{f}: files"), rec, f)
+    missing = [n for n in required if n not in files]
+    if missing: raise ValueError(f"{f}: lists no checksum of {', '.join(missing)}; a folder's checksums must cover what loads")
+    for name, rec in files.items(): verify_file(contained(folder, name, f"{f}: files", bound), rec, f)
     return files
 
 # %% ../nbs/04a_guards.ipynb #649d0aff
@@ -104,8 +110,12 @@ def folder_lock(folder,  # the folder to hold; created if missing
     "Hold an exclusive lock on `folder` (flock on `folder/.lock`, released on exit or crash); `FolderBusyError` if held."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try: fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)   # a planted link is never written through
+    except OSError as e:
+        raise OSError(f"{path}: cannot hold the {what}'s lock ({'a symbolic link' if path.is_symlink() else e.strerror}); "
+                      f"a lock file must be a plain file inside the {what}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode): raise OSError(f"{path}: the {what}'s lock file is not a plain file")
         deadline = time.monotonic() + max(0.0, wait)
         while True:
             try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); break
@@ -132,7 +142,7 @@ def check_text(text, what: str = 'query', max_chars: int = MAX_QUERY_CHARS) -> s
         raise ValueError(f"{what} is {len(text)} characters long; at most {max_chars} are accepted")
     return text
 
-_UNPRINTABLE = re.compile('[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]')
+_UNPRINTABLE = re.compile('[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]')
 
 def printable(s) -> str:
     "`str(s)` with control characters and bidirectional overrides escaped (`\\x1b`, `\\n`, `\\u202e`), safe for a terminal."

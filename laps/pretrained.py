@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from .config import LapsConfig
 from .encoders import BUILTIN_CONFIGS, backbone_config
-from .guards import CHECKSUMS, is_inside, verify_file, write_checksums
+from .guards import contained, printable, verify_checksums, write_checksums
 from .registry import SIMILARITY_METHODS
 from .state_dicts import CheckpointError, check_state_dict
 
@@ -35,9 +35,11 @@ def backbone_to_dict(config: PretrainedConfig) -> dict:
 
 def backbone_from_dict(d: dict) -> PretrainedConfig:
     "Inverse of `backbone_to_dict`; needs no network."
-    if d.get('model_type') not in CONFIG_MAPPING:
-        raise ValueError(f"unknown backbone model_type {d.get('model_type')!r}")
-    return CONFIG_MAPPING[d['model_type']].from_dict(d['config'])
+    if not isinstance(d, dict) or d.get('model_type') not in CONFIG_MAPPING:
+        raise ValueError(f"unknown backbone model_type {d.get('model_type') if isinstance(d, dict) else d!r}")
+    try: return CONFIG_MAPPING[d['model_type']].from_dict(d['config'])
+    except Exception as e:                                             # transformers' own validation errors are not ValueErrors
+        raise ValueError(f"invalid {d['model_type']} config ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
 # %% ../nbs/47b_pretrained.ipynb #07d6b52a
 def _offline_config(spec, source) -> PretrainedConfig:
@@ -140,32 +142,19 @@ PRETRAINED_FILES = ('config.json', 'backbones.json', 'model.safetensors')   # wh
 def read_json(path: Path) -> dict:
     "A JSON file of a checkpoint folder; `CheckpointError` naming it when unreadable."
     try: return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e: raise CheckpointError(f"{path}: unreadable JSON ({e})") from e
+    except (OSError, ValueError, RecursionError) as e:                  # RecursionError: '[' nested 100,000 deep
+        raise CheckpointError(f"{path}: unreadable JSON ({type(e).__name__}: {str(e)[:200]})") from None
 
 def model_file(folder, name: str, root=None) -> Path:
-    "`folder / name` if it resolves inside `root` (default: `folder`); else a `CheckpointError` naming the entry."
-    folder = Path(folder)
-    root = folder if root is None else Path(root)
-    if not isinstance(name, str) or not name: raise CheckpointError(f"{folder}: expected a file name, got {name!r}")
-    p = folder / name
-    if not is_inside(p, root):                                           # a link out, an absolute name or '..'
-        raise CheckpointError(f"{folder}: {name!r} leads outside {root} (to {p.resolve()}); a model folder's files "
-                              f"must stay inside it")
-    return p
+    "`folder / name` if it resolves inside `root` (default: `folder`; `laps.guards.contained`); else a `CheckpointError`."
+    try: return contained(folder, name, str(folder), root)
+    except ValueError as e: raise CheckpointError(str(e)) from None
 
-def verify_folder(folder, root=None) -> bool:
-    "Check every file `folder/checksums.json` records (inside the folder, size, SHA-256); False when there is none."
-    folder = Path(folder)
-    record = model_file(folder, CHECKSUMS, root)
-    if not record.is_file(): return False                                # written before checksums: loads as before
-    rec = read_json(record)
-    files = rec.get('files') if isinstance(rec, dict) and rec.get('algorithm') == 'sha256' else None
-    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
-        raise CheckpointError(f"{record}: expected {{'algorithm': 'sha256', 'files': {{name: {{'sha256', 'bytes'}}}}}}")
-    for name, r in files.items():                                        # not guards.verify_checksums: a Hub folder's root
-        try: verify_file(model_file(folder, name, root), r, record)
-        except ValueError as e: raise CheckpointError(str(e)) from None
-    return True
+def verify_folder(folder, root=None,
+                  required=PRETRAINED_FILES) -> bool:  # what the checksums must cover
+    "Check every file `folder/checksums.json` records (`laps.guards.verify_checksums`); False when there is none."
+    try: return verify_checksums(folder, required, root) is not None     # None: written before checksums, loads as before
+    except ValueError as e: raise CheckpointError(str(e)) from None
 
 def check_finite(state_dict: dict, source) -> None:
     "`CheckpointError` naming the first floating-point tensor of `state_dict` that holds NaN or inf."
@@ -213,7 +202,7 @@ def config_from_json(d: dict, source) -> LapsConfig:
     "A `LapsConfig` from a folder's config.json dict (unknown fields ignored with a warning); `CheckpointError` naming `source`."
     names = set(LapsConfig.__dataclass_fields__)
     unknown = sorted(set(d) - names)
-    if unknown: logger.warning("%s: ignoring unknown config field(s) %s", source, ', '.join(unknown))
+    if unknown: logger.warning("%s: ignoring unknown config field(s) %s", source, printable(', '.join(map(str, unknown))))
     try: return LapsConfig.from_dict({k: v for k, v in d.items() if k in names})
     except (TypeError, ValueError) as e: raise CheckpointError(f"{source}: invalid configuration: {e}") from e
 

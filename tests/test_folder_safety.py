@@ -357,3 +357,20 @@ def test_cli_train_device_cuda_without_cuda_is_one_line(tmp_path):
     _one_error_line(_laps('train', '--preset', 'cpu', '--device', 'cuda', '--logger_name', tmp_path / 'r'),
                     f"--device cuda: this torch ({torch.__version__}) has no CUDA device; use --device cpu or auto")
     assert not (tmp_path / 'r').exists()
+
+
+@pytest.mark.parametrize('fname, edit, expect', [
+    ('config.json', lambda p: p.write_text('[' * 100_000), 'config.json: unreadable JSON (RecursionError'),
+    ('checksums.json', lambda p: p.write_text('[' * 100_000), 'checksums.json: unreadable'),
+    ('checksums.json', lambda p: p.write_text(json.dumps({'algorithm': 'sha256', 'files': {}})),
+     'lists no checksum of config.json, backbones.json, model.safetensors'),
+    ('backbones.json', lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), 'text': {
+        'model_type': 'bert', 'config': {**json.loads(p.read_text())['text']['config'], 'num_hidden_layers': '1'}}})),
+     'invalid backbone configs'),
+])
+def test_a_hostile_folder_file_is_one_line(fname, edit, expect, tiny_vit, tiny_bert, tmp_path):
+    "Deeply nested JSON, checksums that cover nothing, a wrong-typed backbone field: one line each, not a traceback."
+    p = save_checkpoint(tmp_path / 'ck', _model(tiny_vit, tiny_bert))
+    edit(p / fname)
+    if fname != 'checksums.json': (p / 'checksums.json').unlink()           # the damage itself, not its checksum, is refused
+    _one_error_line(_laps('eval', p, '--data_path', tmp_path / 'nodata'), expect)
