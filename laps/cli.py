@@ -231,7 +231,8 @@ def evaluate_target(target, args):
     _check_save_sims(place, getattr(args, 'save_sims', None))
     ckpt = Path(info['path'])                                           # a checkpoint folder or a .pth: never written
     _not_an_input(getattr(args, 'save_sims', None), '--save_sims', files=[ckpt],
-                  folders=[ckpt if ckpt.is_dir() else None, Path(cfg.data_path) / cfg.dataset])
+                  folders=[ckpt if ckpt.is_dir() else None, Path(cfg.data_path) / cfg.dataset,
+                           *(ckpt.parent / c for c in ('checkpoint_best', 'checkpoint_last') if place is not None)])
     where = init_distributed(None, cfg.device, cfg.gpu_id)              # under torchrun: one shard per process
     try:
         model.to(where.device)
@@ -267,8 +268,10 @@ def _record_run_metrics(place: tuple[Path, Path] | None, cfg, split: str, metric
     run_dir, folder = place
     if folder == run_dir and split == cfg.val_split: return            # the trainer state holds these numbers
     path = _write_results(folder, f'metrics_{split}.json', metrics)
-    for p, was in refresh_stale_sims(folder, sims, cfg.dataset, split, metrics['data'], metrics['model']):
-        _note(f"refreshed {p} with this evaluation's matrix (it held {was}), so that it agrees with {path}")
+    refreshed, left = refresh_stale_sims(folder, sims, cfg.dataset, split, metrics['data'], metrics['model'])
+    for p, was in refreshed: _note(f"refreshed {p} with this evaluation's matrix (it held {was}), so that it agrees with {path}")
+    for p, was in left: _note(f"left {p} as it is: a {split} matrix of another or an unrecorded model ({was}); it does not "
+                              f"describe {path}")
     if folder == run_dir: refresh_model_card(metrics['model']['path'])
 
 def _provenance_text(m: dict) -> str:

@@ -45,8 +45,8 @@ def _check_ranges(cfg) -> None:
         if getattr(cfg, name) < low: raise ValueError(f"{name} must be at least {low}, got {getattr(cfg, name)!r}")
     for name in _POSITIVE:
         if not getattr(cfg, name) > 0: raise ValueError(f"{name} must be greater than 0, got {getattr(cfg, name)!r}")
-    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
 
 # %% ../nbs/01_config.ipynb #ab8d328b
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
@@ -116,7 +116,7 @@ class LapsConfig:
     multi_gpu: int = 0  # 1 under torchrun
     gpu_id: int = 0  # CUDA device index when not under torchrun
     engine: str = 'fast'  # fast | reference cross-modal engine
-    device: str = 'auto'  # auto | cpu | cuda | cuda:N
+    device: str = 'auto'  # auto | cpu | cuda | cuda:N | mps
     val_split: str = 'dev'  # split that selects the best checkpoint (never test by default)
     preset: str | None = None  # name of the preset this config was resolved from
 

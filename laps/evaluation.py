@@ -24,7 +24,7 @@ from .metrics import evaluate_sims, recall_ci95
 __all__ = ['model_device', 'encode_image_set', 'pad_token_batches', 'encode_caption_set', 'similarity_matrix', 'shard_range',
            'shard_loader', 'score_split', 'pair_block_scores', 'minimal_pair_entries', 'minimal_pair_metrics',
            'probe_pair_blocks', 'evaluate_minimal_pairs', 'evaluate_split', 'eval_data_files', 'data_fingerprint',
-           'model_identity', 'same_data', 'eval_results_folder']
+           'model_identity', 'run_workdir', 'same_data', 'eval_results_folder']
 
 # %% ../nbs/75_evaluation.ipynb #518e780c
 def model_device(model: nn.Module) -> torch.device:
@@ -195,14 +195,24 @@ def model_identity(info: dict) -> dict:
     return {**out, **{k: info[k] for k in ('epoch', 'step') if isinstance(info.get(k), int)}}
 
 # %% ../nbs/75_evaluation.ipynb #1eb044c9
-def _data_place(cfg) -> tuple:
-    return cfg.dataset, Path(cfg.data_path).resolve(), image_folder(cfg).resolve()
+def run_workdir(run_dir) -> Path | None:
+    "The folder the run's first command ran in (`workdir` of `commands.jsonl`), where its relative paths point; None if unrecorded."
+    try:
+        with open(contained(run_dir, 'commands.jsonl', f'{run_dir}: commands.jsonl'), encoding='utf-8') as f:
+            first = json.loads(f.readline(100_000))
+    except (OSError, ValueError, RecursionError): return None
+    w = first.get('workdir') if isinstance(first, dict) else None
+    return Path(w) if isinstance(w, str) and Path(w).is_absolute() else None
 
-def same_data(run_cfg, cfg) -> bool:
-    "True when `cfg` evaluates the data of `run_cfg` (a run's saved config): same dataset, data folder and image folder, resolved."
-    return _data_place(run_cfg) == _data_place(cfg)
+def _data_place(cfg, base=None) -> tuple:
+    def where(p): return (Path(base) / p if base is not None and not Path(p).is_absolute() else Path(p)).resolve()
+    return cfg.dataset, where(cfg.data_path), where(image_folder(cfg))
+
+def same_data(run_cfg, cfg, run_base=None) -> bool:
+    "True when `cfg` evaluates the data of `run_cfg` (a run's config, its relative paths from `run_base`): same dataset, data and image folders."
+    return _data_place(run_cfg, run_base) == _data_place(cfg)
 
 def eval_results_folder(run_dir, run_cfg, cfg, data: dict) -> Path:
     "Where evaluating under `cfg` writes into `run_dir`: itself on its own data, else `run_dir/data-<short>` (`data_fingerprint`)."
-    if same_data(run_cfg, cfg): return Path(run_dir)
+    if same_data(run_cfg, cfg, run_workdir(run_dir)): return Path(run_dir)
     return contained(run_dir, f"data-{data['short']}", f'laps eval: results folder in {run_dir}')   # no link out of the run

@@ -280,16 +280,19 @@ def sims_source(meta: dict) -> str:
     if not _sha(data) or not _sha(model): return 'no data fingerprint or model identity (saved before they were recorded)'
     return f"data {data.get('short')} ({data.get('data_path')}), model {model.get('path')} (sha256 {model['sha256'][:12]})"
 
-def refresh_stale_sims(folder, sims, dataset: str, split: str, data: dict, model: dict) -> list[tuple[Path, str]]:
-    "Re-save `sims` over each matrix in `folder` of `dataset`/`split` from other data or model (or unrecorded): [(path, what it held)]."
-    out = []
+def refresh_stale_sims(folder, sims, dataset: str, split: str, data: dict, model: dict
+                       ) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    "Matrices in `folder` of `dataset`/`split` that no longer match: this checkpoint's are re-saved, others' left. (refreshed, left)."
+    refreshed, left = [], []
     for p in sorted(Path(folder).glob('*.npy')):
         if p.is_symlink() or not p.is_file(): continue                     # a link may lead outside the folder
         try: meta = load_sims_metadata(p)
         except ValueError: continue                                       # an unreadable sidecar: whose matrix is unknown
         if meta is None or (meta['dataset'], meta['split']) != (dataset, split): continue
         if (_sha(meta.get('data')), _sha(meta.get('model'))) == (_sha(data), _sha(model)): continue
-        was = sims_source(meta)
-        save_sims(p, sims, dataset, split, data=data, model=model)
-        out.append((p, was))
-    return out
+        was, made_by = sims_source(meta), meta.get('model')
+        if isinstance(made_by, dict) and made_by.get('path') == model.get('path'):   # an earlier evaluation of this checkpoint
+            save_sims(p, sims, dataset, split, data=data, model=model)
+            refreshed.append((p, was))
+        else: left.append((p, was))                                        # an ensemble, another model's: not ours to replace
+    return refreshed, left

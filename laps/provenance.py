@@ -36,6 +36,6 @@ def utc_now() -> str:
 # %% ../nbs/04_provenance.ipynb #67d63dd9
 def command_record(argv: Sequence[str] | None = None,  # the command line (default: sys.argv)
                    cwd=None, exclude=None, **extra) -> dict:
-    "{argv, commit, time, torch, python, **extra}: what `commands.jsonl` records for one command."
-    return dict(argv=[str(a) for a in (sys.argv if argv is None else argv)], commit=git_commit(cwd, exclude),
+    "{argv, workdir, commit, time, torch, python, **extra}: what `commands.jsonl` records for one command."
+    return dict(argv=[str(a) for a in (sys.argv if argv is None else argv)], workdir=os.getcwd(), commit=git_commit(cwd, exclude),
                 time=utc_now(), torch=torch.__version__, python=platform.python_version(), **extra)

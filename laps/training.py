@@ -25,8 +25,11 @@ def _cuda_devices(n: int) -> str:
 
 def resolve_device(device: str = 'auto', gpu_id: int = 0) -> torch.device:
     "The torch device for a run ('auto': cuda:gpu_id if CUDA is available, else cpu); a device that is not there is one ValueError."
-    m = re.fullmatch(r'auto|cpu|cuda(?::(\d+))?', device) if isinstance(device, str) else None
-    if m is None: raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    m = re.fullmatch(r'auto|cpu|mps|cuda(?::(\d+))?', device) if isinstance(device, str) else None
+    if m is None: raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if device == 'mps':                                                # Apple silicon
+        if not torch.backends.mps.is_available(): raise ValueError(f"--device mps: this machine has no MPS device")
+        return torch.device('mps')
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == 'cpu' or (device == 'auto' and n == 0): return torch.device('cpu')
     if n == 0:

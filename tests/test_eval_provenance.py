@@ -133,12 +133,11 @@ def test_no_stale_matrix_beside_fresh_metrics(world, run, tmp_path, capsys, monk
     assert not np.array_equal(new, old)
     assert evaluate_sims(load_sims(run / 'sims_test.npy'), 'synthetic')['rsum'] == m['rsum']   # matrix and metrics agree
     assert m['model']['sha256'] == _sha(run / 'checkpoint_best' / 'model.safetensors')
-    for name in ('sims_test.npy', 'legacy.npy'):                                     # refreshed, and the notes say so
-        np.testing.assert_array_equal(load_sims(run / name), new)
-        assert evaluate_sims(load_sims(run / name), 'synthetic')['rsum'] == m['rsum']
-        assert load_sims_metadata(run / name)['model'] == m['model']
-        assert f"refreshed {run / name}" in out.err
-    assert 'saved before they were recorded' in out.err
+    np.testing.assert_array_equal(load_sims(run / 'sims_test.npy'), new)               # this checkpoint's: refreshed
+    assert load_sims_metadata(run / 'sims_test.npy')['model'] == m['model']
+    assert f"refreshed {run / 'sims_test.npy'}" in out.err
+    np.testing.assert_array_equal(load_sims(run / 'legacy.npy'), old)                  # no model recorded: not ours to replace
+    assert f"left {run / 'legacy.npy'} as it is" in out.err and 'saved before they were recorded' in out.err
     np.testing.assert_array_equal(load_sims(run / 'sims_dev.npy'), np.zeros((6, 30), np.float32))
     assert json.loads((run / 'metrics_test.json').read_text())['rsum'] == m['rsum']
 
@@ -160,3 +159,19 @@ def test_save_sims_never_overwrites_an_input(world, run, tmp_path, capsys, monke
     kept = member.read_bytes()
     assert main(['eval', '--ensemble', str(member), '--save_sims', str(member)]) == 2
     assert 'that is an input of this command' in capsys.readouterr().err and member.read_bytes() == kept
+
+
+def test_own_data_is_recognised_from_another_folder(world, tmp_path, capsys, monkeypatch):
+    """A run trained with a relative --data_path: evaluated from another folder, whose own data/ is other data, the results
+    go to data-<fingerprint>/; given its own data by absolute path, they are the run's own (the run records where it ran)."""
+    home, elsewhere = tmp_path / 'home', tmp_path / 'elsewhere'
+    shutil.copytree(world['own'], home / 'data'); shutil.copytree(world['other'], elsewhere / 'data')
+    model, cfg = _model(0, 'data')                                                      # recorded as given: relative
+    run = home / 'runs' / 'r'
+    save_checkpoint(run / 'checkpoint_best', model, cfg, save_rng=False)
+    (run / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train'], 'workdir': str(home)}) + '\n')
+    monkeypatch.chdir(elsewhere)
+    _eval(capsys, monkeypatch, run, '--split', 'test')                                  # elsewhere/data: not the run's data
+    assert not (run / 'metrics_test.json').exists() and len(list(run.glob('data-*/metrics_test.json'))) == 1
+    _eval(capsys, monkeypatch, run, '--split', 'test', '--data_path', home / 'data', '--save_sims', run / 'sims_test.npy')
+    assert (run / 'metrics_test.json').is_file() and (run / 'sims_test.npy').is_file()    # its own data, by another name

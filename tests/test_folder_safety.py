@@ -319,9 +319,11 @@ def test_resolve_device_without_cuda(monkeypatch):
         with pytest.raises(ValueError, match=re.escape(f"--device {dev}: this torch ({torch.__version__}) has no CUDA "
                                                        f"device; use --device cpu or auto")):
             resolve_device(dev)
-    for dev in ('gpu', 'cuda:x', 'mps', ''):
-        with pytest.raises(ValueError, match=re.escape(f"--device {dev!r}: expected auto, cpu, cuda or cuda:N")):
+    for dev in ('gpu', 'cuda:x', 'mps:0', ''):
+        with pytest.raises(ValueError, match=re.escape(f"--device {dev!r}: expected auto, cpu, cuda, cuda:N or mps")):
             resolve_device(dev)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    with pytest.raises(ValueError, match='--device mps: this machine has no MPS device'): resolve_device('mps')
 
 
 def test_resolve_device_beyond_the_device_count(monkeypatch):
@@ -349,7 +351,7 @@ def test_cli_device_that_is_not_there_is_one_line_before_any_model_is_loaded(tin
         assert (rc, err) == (2, f'laps: error: {msg}\n'), (argv, err)
     assert not (tmp_path / 'r').exists() and not (tmp_path / 'idx').exists()
     rc, err = _main(capsys, 'train', '--preset', 'cpu', '--device', 'gpu', '--logger_name', tmp_path / 'r')
-    assert rc == 2 and "device must be auto, cpu, cuda or cuda:N, got 'gpu'" in err
+    assert rc == 2 and "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='needs a machine without CUDA')
