@@ -747,7 +747,7 @@ class Index:
 
     @classmethod
     def open(cls, path, *shards, model=None, cfg=None, tokenizer=None, device: str = 'cpu', verify: str = 'files') -> 'Index':
-        "Open an index folder (and further shards of the same gallery) with the model saved inside it; or with `model`: a run directory, checkpoint folder or .pth, or a loaded model (with `cfg`), checked by fingerprint."
+        "Open an index folder (and further shards of the same gallery) with the model and tokenizer saved inside it; or with `model`: a run directory, checkpoint folder or .pth, or a loaded model (with `cfg`), checked by fingerprint."
         _distinct_folders([Path(path), *map(Path, shards)])
         if model is None:
             model, cfg, saved = load_index_model(path)
