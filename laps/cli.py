@@ -136,8 +136,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     s.add_argument('index', metavar='INDEX', help='index folder (laps index)')
     s.add_argument('query', nargs='?', default=None, help='the text to search images for')
     s.add_argument('-k', type=int, default=10, help='results to print (default 10)')
-    s.add_argument('--rerank', type=int, default=100, metavar='K',
-                   help='shortlist candidates re-ranked by LAPS (0: the shortlist order; default 100)')
+    s.add_argument('--rerank', type=int, default=None, metavar='K',
+                   help='shortlist candidates re-ranked by LAPS, at least -k (0: the shortlist order; default max(-k, 100))')
     s.add_argument('--image', default=None, metavar='PATH', help='image-to-text: rank the indexed captions for this image')
     s.add_argument('--shards', nargs='+', default=(), metavar='INDEX',
                    help='further index folders of the same gallery (same model), searched as one')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/85_index.ipynb #9d4df40c
 from __future__ import annotations
-import copy, hashlib, json, os, re, shutil, sys
+import copy, hashlib, json, os, re, shutil, sys, tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,34 +13,38 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from .atomic import write_json_atomic, append_jsonl, fsync_dir, atomic_folder
+from .atomic import write_json_atomic, fsync_dir, fsync_file, atomic_folder
 from .data import load_image, eval_transform, load_tokenizer, encode_caption, read_split
 from .datasets import image_folder
 from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main
 from .evaluation import model_device, shard_range
-from .guards import contained, file_checksums, verify_file, folder_lock, check_text, printable
+from .guards import CHECKSUMS, contained, file_checksums, verify_file, folder_lock, check_text, printable
 from .provenance import command_record, utc_now
 
 # %% auto #0
 __all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'IMAGE_SUFFIXES', 'EXACT_MAX', 'DEFAULT_RERANK', 'MODEL_FIELDS', 'MODEL_DIR',
-           'SEGMENT_NAME', 'FAISS_NAME', 'SEGMENT_FILES', 'MAX_JSON_BYTES', 'COLLECTIONS', 'VERIFY_LEVELS',
-           'model_fingerprint', 'model_record', 'check_same_model', 'check_manifest', 'read_manifest', 'faiss_module',
-           'make_faiss_index', 'faiss_search', 'read_faiss', 'SegmentWriter', 'Segment', 'list_images',
-           'encode_image_batch', 'encode_caption_batch', 'split_items', 'save_index_model', 'commit_segments',
-           'build_index', 'check_rerank', 'Hit', 'Collection', 'load_index_model', 'Index', 'show_hits']
+           'MODEL_NOTE', 'TOKENIZER_CONFIG', 'SEGMENT_NAME', 'FAISS_NAME', 'FAISS_TEMP', 'SEGMENT_FILES',
+           'MAX_JSON_BYTES', 'COLLECTIONS', 'VERIFY_LEVELS', 'model_fingerprint', 'model_record', 'check_same_model',
+           'check_manifest', 'read_manifest', 'faiss_module', 'make_faiss_index', 'faiss_search', 'read_faiss',
+           'SegmentWriter', 'Segment', 'list_images', 'encode_image_batch', 'encode_caption_batch', 'split_items',
+           'save_index_model', 'commit_segments', 'build_index', 'check_rerank', 'Hit', 'Collection',
+           'load_index_model', 'Index', 'show_hits']
 
 # %% ../nbs/85_index.ipynb #23d8fae0
 INDEX_FORMAT, INDEX_VERSION = 'laps-index', 1
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 EXACT_MAX = 50_000  # galleries up to this size get an exact (flat) FAISS index, larger ones HNSW
-DEFAULT_RERANK = 100  # candidates re-ranked by LAPS per query (see the README's two-stage figures)
+DEFAULT_RERANK = 100  # candidates re-ranked by LAPS per query at least (k more when k is larger; see the README's two-stage figures)
 MODEL_FIELDS = ('vit_type', 'vision_backbone', 'bert_path', 'img_res', 'num_patches', 'embed_size', 'max_word',
                 'text_layers', 'sparse_ratio', 'aggr_ratio', 'use_cls_as_glob_embd', 'use_token_selection',
                 'token_selection_strategy', 'token_selection_ratio', 'similarity_calc_method', 'use_learnable_temp',
                 'score_threshold', 'glob_loss_weight')  # the config fields an index's tokens and scores depend on
-MODEL_DIR = 'model'  # the index's own copy of its model (a save_pretrained folder), loaded by default
+MODEL_DIR = 'model'  # the index's own copy of its model (a save_pretrained folder, with its tokenizer), loaded by default
+MODEL_NOTE = "- saved by `laps index` into this index"  # the model card line that marks a `model/` folder as an index's own
+TOKENIZER_CONFIG = 'tokenizer_config.json'  # present in `model/` when the index carries its tokenizer
 SEGMENT_NAME = re.compile(r'seg-\d{4}(?:-r\d+)?')  # the segment folders `build_index` writes (-rN: a torchrun rank's)
 FAISS_NAME = re.compile(r'faiss-\d+\.index')  # the FAISS files `commit_segments` writes (one per generation)
+FAISS_TEMP = re.compile(r'\.faiss-\d+\.index(?:\.\w+)?\.tmp')  # its temporary files (a unique name each, O_EXCL)
 SEGMENT_FILES = ('tokens.f16', 'globals.f32', 'rows.i64', 'lens.i32', 'items.jsonl', 'skipped.jsonl')  # checksummed
 MAX_JSON_BYTES = 64 << 20  # a manifest or segment meta.json larger than this is refused before parsing
 
@@ -63,12 +67,16 @@ def model_record(model: nn.Module, cfg, source=None) -> dict:
                 global_embedding='global head' if model.has_global_head else 'mean-pooling fallback')
 
 def check_same_model(recorded: dict, current: dict, where) -> None:
-    "Raise ValueError naming `where` unless the model `current` is the one `recorded` (config fields, then weights)."
+    "Raise ValueError naming `where` (the index folder) unless the model `current` is the one `recorded` (config fields, token shapes, weights)."
     a, b = recorded['config'], current['config']
     diff = [k for k in MODEL_FIELDS if a.get(k) != b.get(k)]
     if diff:
         raise ValueError(f"{where}: built with another config ({', '.join(f'{k}={a.get(k)!r}' for k in diff)}) than the "
                          f"model given ({', '.join(f'{k}={b.get(k)!r}' for k in diff)}); build an index with this model")
+    for key in ('image_tokens', 'caption_tokens'):                       # what segments are checked against: the model's
+        if list(recorded.get(key) or ()) != list(current[key]):
+            raise ValueError(f"{Path(where) / 'index.json'}: model.{key} {recorded.get(key)}, but the model given makes "
+                             f"{current[key]}: the manifest does not describe this model's tokens")
     if recorded['fingerprint'] != current['fingerprint']:
         raise ValueError(f"{where}: built with model weights {recorded['fingerprint'][:12]} "
                          f"({recorded.get('source') or 'unknown source'}), but the model given has "
@@ -192,6 +200,23 @@ def read_faiss(root, kind: str, entry: dict, n: int, dim: int, where, checksum: 
                          f"but {where} holds {n} rows of {dim} (inner product): the file belongs to another index")
     return index
 
+# %% ../nbs/85_index.ipynb #7ce2399c
+def _own_name(name: str) -> bool:
+    "Whether `name` is one `build_index` writes in a collection folder: a segment, its `.partial`, a FAISS file or its temp."
+    seg = name[:-len('.partial')] if name.endswith('.partial') else name
+    return bool(SEGMENT_NAME.fullmatch(seg) or FAISS_NAME.fullmatch(name) or FAISS_TEMP.fullmatch(name))
+
+def _no_link(p: Path) -> Path:
+    "`p`, unless it is a symbolic link: a build writes and deletes its own files only, never through a link."
+    if p.is_symlink():
+        raise ValueError(f"{p}: a symbolic link (to {os.readlink(p)}) where laps index writes its own files; an index "
+                         f"holds no links (it was changed by hand, or made elsewhere): remove it")
+    return p
+
+def _create(path: Path):
+    "`path` opened for writing text (created or truncated), never through a symbolic link (O_NOFOLLOW)."
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), 'w', encoding='utf-8')
+
 # %% ../nbs/85_index.ipynb #5ca4a035
 def _memmap(path: Path, dtype, shape, mode: str):
     return np.memmap(path, dtype=dtype, mode=mode, shape=shape) if shape[0] else np.zeros(shape, dtype)
@@ -199,10 +224,11 @@ def _memmap(path: Path, dtype, shape, mode: str):
 def _note(msg: str) -> None: tqdm.write(printable(msg), file=sys.stderr)
 
 def _read_plan(folder: Path) -> tuple[dict | None, dict | None]:
-    "(plan, progress) of a `.partial` segment (or a committed one's plan), None for a file that is missing or unreadable."
+    "(plan, progress) of a `.partial` segment (or a committed one's plan), None for a file that is missing, unreadable or a link."
     out = []
     for name in ('plan.json', 'progress.json'):
-        try: out.append(json.loads((folder / name).read_text(encoding='utf-8')) if (folder / name).is_file() else None)
+        f = folder / name
+        try: out.append(json.loads(f.read_text(encoding='utf-8')) if f.is_file() and not f.is_symlink() else None)
         except (OSError, ValueError, RecursionError): out.append(None)
     return out[0], out[1]
 
@@ -214,17 +240,18 @@ class SegmentWriter:
     "One new segment of a collection, written in place batch by batch and committed by `finish`."
     def __init__(self, folder, name: str, plan: dict, token_shape: tuple[int, int], with_lens: bool):
         self.folder, self.name, self.plan = Path(folder), name, plan
-        self.dir = self.folder / f'{name}.partial'
+        self.dir = _no_link(self.folder / f'{name}.partial')
         n = len(plan['items'])
-        self.shape = (n, *token_shape)
-        old_plan, progress = _read_plan(self.dir) if self.dir.is_dir() and not self.dir.is_symlink() else (None, None)
+        self.shape, self.with_lens = (n, *token_shape), with_lens
+        old_plan, progress = _read_plan(self.dir) if self.dir.is_dir() else (None, None)
         if old_plan == plan and _resumable(progress, n):
+            for f in self.dir.iterdir(): _no_link(f)                     # continued in place: a link would be written through
             self.progress, mode = progress, 'r+'
         else:
             if old_plan is not None:                                     # the builder holds the lock: nobody else writes it
                 _note(f"laps index: replacing {self.dir}, left by an interrupted build of other items or another model")
-            if self.dir.is_symlink() or self.dir.is_file(): self.dir.unlink()
-            elif self.dir.exists(): shutil.rmtree(self.dir)
+            if self.dir.is_file(): self.dir.unlink()
+            elif self.dir.exists(): shutil.rmtree(self.dir)              # a real folder: links inside go, their targets stay
             self.dir.mkdir(parents=True)
             self.progress = dict(done=0, rows=0, skipped=[])
             mode = 'w+'
@@ -261,22 +288,25 @@ class SegmentWriter:
         for m in (self.tokens, self.globals, self.item_of_row, self.lens):
             if isinstance(m, np.memmap): m.flush()
         self.tokens = self.globals = self.item_of_row = self.lens = None   # close the maps before truncating
+        for name in ('tokens.f16', 'globals.f32', 'rows.i64', *(('lens.i32',) if self.with_lens else ())):
+            if not (self.dir / name).exists():                           # a share of no items has no maps: empty stores
+                os.close(os.open(self.dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         row_bytes = dict(tokens=int(np.prod(self.shape[1:])) * 2, globals=self.shape[2] * 4, rows=8, lens=4)
         for f in self.dir.iterdir():
             stem = f.name.split('.')[0]
-            if stem in row_bytes and f.suffix in ('.f16', '.f32', '.i64', '.i32'): os.truncate(f, rows * row_bytes[stem])
+            if stem in row_bytes and f.suffix in ('.f16', '.f32', '.i64', '.i32'): os.truncate(_no_link(f), rows * row_bytes[stem])
         item_of_row = np.fromfile(self.dir / 'rows.i64', dtype=np.int64) if rows else np.zeros(0, np.int64)
-        with open(self.dir / 'items.jsonl', 'w', encoding='utf-8') as fh:
+        with _create(self.dir / 'items.jsonl') as fh:
             for i in item_of_row: fh.write(json.dumps(self.plan['items'][int(i)]) + '\n')
             fh.flush(); os.fsync(fh.fileno())
-        with open(self.dir / 'skipped.jsonl', 'w', encoding='utf-8') as fh:
+        with _create(self.dir / 'skipped.jsonl') as fh:
             for s in self.progress['skipped']: fh.write(json.dumps(s) + '\n')
             fh.flush(); os.fsync(fh.fileno())
         files = file_checksums(self.dir, sorted(f.name for f in self.dir.iterdir() if f.name in SEGMENT_FILES))
         write_json_atomic(self.dir / 'meta.json', dict(n=rows, token_shape=list(self.shape[1:]),
                                                         skipped=len(self.progress['skipped']), files=files))
         final = self.folder / self.name
-        if final.is_symlink(): final.unlink()
+        if final.is_symlink() or final.is_file(): final.unlink()        # the link itself, never its target
         elif final.exists(): shutil.rmtree(final)
         os.replace(self.dir, final)
         fsync_dir(self.folder)
@@ -394,6 +424,42 @@ def split_items(cfg, split: str) -> tuple[list[str], list[dict]]:
     path_of = {i: str(s.image_file(i, folder).resolve()) for i in s.image_ids}
     return [path_of[i] for i in s.image_ids], [dict(text=t, image=path_of[i]) for t, i in zip(s.captions, s.caption_img_ids)]
 
+# %% ../nbs/85_index.ipynb #34011394
+def _next_segment(names: list[str]) -> str:
+    "The new segment's name: numbered past every segment `names` (the manifest's) lists, and at least as many as it lists."
+    return f"seg-{max(len(names), 1 + max((int(n[4:8]) for n in names), default=-1)):04d}"
+
+def _index_model(folder: Path) -> bool:
+    "Whether `folder` is a model folder `save_index_model` wrote: a real folder whose model card says so."
+    card = folder / 'README.md'
+    if folder.is_symlink() or not folder.is_dir() or card.is_symlink() or not card.is_file(): return False
+    with open(card, encoding='utf-8', errors='replace') as fh: return MODEL_NOTE in fh.read(1 << 16)
+
+def _check_fresh(out: Path) -> None:
+    "Refuse a first build into a folder holding anything but what a build leaves there (one line naming the entry)."
+    if not out.is_dir(): return
+    where = f"--out {out}: not empty and not a laps index (no index.json)"
+    for e in sorted(out.iterdir()):
+        n = e.name
+        if n in ('.lock', 'commands.jsonl') or re.fullmatch(r'\.index\.json\.\w+\.tmp|\.model\.tmp-\w+', n): continue
+        if n in (MODEL_DIR, '.model.old'):
+            if _index_model(e): continue                                 # an interrupted first build's: it is replaced
+            raise ValueError(f"{where}: its {n}/ is not a model laps index saved, and a first build would replace it; "
+                             f"give --out a new or empty folder")
+        if n in COLLECTIONS and e.is_dir() and not e.is_symlink():
+            other = next((f.name for f in sorted(e.iterdir()) if not _own_name(f.name)), None)
+            if other is None: continue
+            raise ValueError(f"{where}: its {n}/ holds {other!r}, which laps index does not write; give --out a new or empty folder")
+        raise ValueError(f"{where}: it holds {n!r}; give --out a new or empty folder, or an index's folder with --append")
+
+def _check_no_links(out: Path) -> None:
+    "Refuse a symbolic link wherever a build writes or deletes: its own names in the index and in its collections."
+    for name in ('commands.jsonl', MODEL_DIR, '.model.old', *COLLECTIONS): _no_link(out / name)
+    for kind in COLLECTIONS:
+        if (out / kind).is_dir():
+            for f in (out / kind).iterdir():
+                if _own_name(f.name): _no_link(f)
+
 # %% ../nbs/85_index.ipynb #714ccd0e
 def _segment_names(manifest: dict | None, collection: str) -> list[str]:
     return [] if manifest is None else list(manifest['collections'].get(collection, {}).get('segments', []))
@@ -406,11 +472,12 @@ def _known_items(root: Path, kind: str, names: list[str]) -> set[str]:
     return seen
 
 def _write_segment(model, cfg, tokenizer, root: Path, kind: str, name: str, items: list[dict], plan_extra: dict,
-                   batch_size: int, progress: bool, callback) -> Path:
-    "Encode `items` into the committed segment `root/kind/name` (resuming a matching `.partial`, replacing another build's leftovers)."
+                   batch_size: int, progress: bool, callback, named: Sequence[str] = ()) -> Path:
+    "Encode `items` into the committed segment `root/kind/name` (resuming a matching `.partial`, replacing another build's leftovers, never a segment in `named`)."
     folder = root / kind
     plan = dict(items=items, **plan_extra)
     final = folder / name
+    if name in named: raise ValueError(f"{final}: listed by {root / 'index.json'}; a build never replaces a committed segment")
     if (final / 'meta.json').is_file() and not final.is_symlink():      # committed by an earlier, interrupted build
         if _read_plan(final)[0] == plan: return final
         _note(f"laps index: replacing {final}, a segment an interrupted build committed for other items or another model")
@@ -433,15 +500,18 @@ def _write_segment(model, cfg, tokenizer, root: Path, kind: str, name: str, item
     bar.close()
     return w.finish()
 
-def save_index_model(out, model: nn.Module, cfg, source=None) -> Path:
-    "Write `model` into `out/model` (a save_pretrained folder, atomically): the model `Index.open` loads by default."
+def save_index_model(out, model: nn.Module, cfg, source=None, tokenizer=None) -> Path:
+    "Write `model` and its tokenizer (default: `cfg.bert_path`'s) into `out/model` (a save_pretrained folder, atomically): what `Index.open` loads by default."
     out = Path(out)
     src = Path(str(source)) if source is not None else None
     run_dir = next((d for d in ((src, src.parent) if src is not None else ()) if (d / 'commands.jsonl').is_file()), None)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     from laps.pretrained import write_pretrained
     with atomic_folder(out / MODEL_DIR) as tmp:                          # the card reads the training run, not the index
-        write_pretrained(tmp, model, cfg, run_dir=run_dir or tmp,
-                         source=f"- saved by `laps index` into this index; loaded from {source}" if source else None)
+        tokenizer.save_pretrained(str(tmp))                              # flat, beside the weights, as a Hub model's
+        written = sorted(f.name for f in tmp.iterdir())
+        write_pretrained(tmp, model, cfg, run_dir=run_dir or tmp, checksummed=written,
+                         source=MODEL_NOTE + (f"; loaded from {source}" if source else ''))
     return out / MODEL_DIR
 
 def _sweep(out: Path, collections: dict) -> None:
@@ -452,11 +522,16 @@ def _sweep(out: Path, collections: dict) -> None:
         entry = collections.get(kind, {})
         keep = {entry.get('faiss', {}).get('file'), *entry.get('segments', [])}
         for f in folder.iterdir():
-            orphan = (FAISS_NAME.fullmatch(f.name) or SEGMENT_NAME.fullmatch(f.name) or re.fullmatch(r'\.faiss-\d+\.index\.tmp', f.name)
-                      or (f.name.endswith('.partial') and SEGMENT_NAME.fullmatch(f.name[:-len('.partial')])))
-            if not orphan or f.name in keep: continue
+            if not _own_name(f.name) or f.name in keep: continue
             if f.is_dir() and not f.is_symlink(): shutil.rmtree(f)
-            else: f.unlink()
+            else: f.unlink()                                             # a file, or a link (never its target)
+
+def _append_line(path: Path, record: dict) -> None:
+    "Append `record` to `path` as one JSON line in a single write, never through a symbolic link (O_NOFOLLOW)."
+    line = (json.dumps(record) + '\n').encode()                          # serialise first: a TypeError writes nothing
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try: os.write(fd, line); os.fsync(fd)
+    finally: os.close(fd)
 
 def commit_segments(out: Path, manifest: dict | None, record: dict, new_segments: dict, faiss_kind: str, exact_max: int,
             command) -> dict:
@@ -476,8 +551,10 @@ def commit_segments(out: Path, manifest: dict | None, record: dict, new_segments
         vectors = np.concatenate([np.asarray(s.globals) for s in segs if s.n] or [np.zeros((0, shape[1]), np.float32)])
         index, params = make_faiss_index(vectors, faiss_kind, exact_max)
         fname = f'faiss-{generation}.index'
-        tmp = out / kind / f'.{fname}.tmp'
-        faiss.write_index(index, str(tmp)); os.replace(tmp, out / kind / fname)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{fname}.', suffix='.tmp', dir=out / kind)   # O_EXCL: no planted file or link
+        os.close(fd)
+        try: faiss.write_index(index, tmp); fsync_file(tmp); os.replace(tmp, out / kind / fname)
+        except BaseException: Path(tmp).unlink(missing_ok=True); raise
         entry.update(faiss=dict(params, file=fname, **file_checksums(out / kind, [fname])[fname]),
                      n=sum(s.n for s in segs), skipped=sum(s.skipped for s in segs))
     new = dict(format=INDEX_FORMAT, version=INDEX_VERSION, generation=generation, model=record, collections=collections,
@@ -485,7 +562,7 @@ def commit_segments(out: Path, manifest: dict | None, record: dict, new_segments
     if checksums: new['checksums'] = 'sha256'                            # every segment and FAISS file carries them
     write_json_atomic(out / 'index.json', new)
     _sweep(out, collections)
-    append_jsonl(out / 'commands.jsonl', command_record(command, generation=generation))
+    _append_line(out / 'commands.jsonl', command_record(command, generation=generation))
     return new
 
 def build_index(model: nn.Module, cfg, out, *, images: Sequence = (), captions: Sequence[dict] = (), source=None,
@@ -500,6 +577,7 @@ def build_index(model: nn.Module, cfg, out, *, images: Sequence = (), captions: 
         raise FileNotFoundError(f"--append: {out} holds no index yet (no index.json); leave out --append to build one")
     with ExitStack() as held:
         def start():                                                     # rank 0, before any rank writes
+            if not (out / 'index.json').is_file(): _check_fresh(out)     # before the lock too: a refused folder gains no .lock
             held.enter_context(folder_lock(out, 'index', wait=wait, argv=command))
             manifest = read_manifest(out) if (out / 'index.json').is_file() else None
             if manifest is not None:
@@ -508,8 +586,8 @@ def build_index(model: nn.Module, cfg, out, *, images: Sequence = (), captions: 
                                           f"images); pass --append to add to it, or choose another --out")
                 check_same_model(manifest['model'], record, out)
             elif append: raise FileNotFoundError(f"--append: {out} holds no index yet (no index.json); leave out --append to build one")
-            for kind in COLLECTIONS:
-                if (out / kind).exists() or (out / kind).is_symlink(): contained(out, kind, f"{out}: the {kind} folder")
+            else: _check_fresh(out)
+            _check_no_links(out)                                         # images/ and captions/ are real folders inside, too
             return manifest
         manifest = on_main(info, start)
         if captions and tokenizer is None: tokenizer = load_tokenizer(cfg.bert_path)
@@ -520,30 +598,32 @@ def build_index(model: nn.Module, cfg, out, *, images: Sequence = (), captions: 
             fresh = [it for it in items if json.dumps(it) not in known]
             if not fresh: continue
             part = shard_range(len(fresh), info.world_size, info.rank)
-            base = f'seg-{len(names):04d}'
+            base = _next_segment(names)
             name = base if info.world_size == 1 else f'{base}-r{info.rank}'
             (out / kind).mkdir(parents=True, exist_ok=True)
             extra = dict(model=record['fingerprint'], rank=info.rank, world_size=info.world_size)
             _write_segment(model, cfg, tokenizer, out, kind, name, fresh[part.start:part.stop], extra, batch_size,
-                           progress and info.is_main, callback)
+                           progress and info.is_main, callback, names)
             new_segments[kind] = [base] if info.world_size == 1 else [f'{base}-r{r}' for r in range(info.world_size)]
         barrier(info)
         if not info.is_main: return manifest or {}
         if not new_segments:
             if manifest is None: raise ValueError(f"{out}: nothing to index (no images or captions given)")
             return manifest
-        if manifest is None or not (out / MODEL_DIR).exists(): save_index_model(out, model, cfg, source)
+        if manifest is None or not (out / MODEL_DIR).exists(): save_index_model(out, model, cfg, source, tokenizer)
         return commit_segments(out, manifest, record, new_segments, faiss_kind, exact_max, command)
 
 # %% ../nbs/85_index.ipynb #af0406ba
-def check_rerank(k: int, rerank: int, flags: tuple[str, str] = ('k', 'rerank')) -> None:
-    "Refuse k < 1, rerank < 0, and a re-rank of fewer candidates than the results asked for (it would return only `rerank`)."
+def check_rerank(k: int, rerank: int | None = None, flags: tuple[str, str] = ('k', 'rerank')) -> int:
+    "The re-rank depth for `k` results: `rerank`, or max(k, DEFAULT_RERANK) for None; refuse k < 1, rerank < 0, and 1 <= rerank < k (it could return only `rerank`)."
     fk, fr = flags
     if not _whole(k, 1): raise ValueError(f"{fk} must be a positive number of results, got {k}")
+    if rerank is None: return max(k, DEFAULT_RERANK)
     if not _whole(rerank): raise ValueError(f"{fr} must be 0 (the shortlist order) or a number of candidates, got {rerank}")
     if 0 < rerank < k:
         raise ValueError(f"{fr} {rerank} is below {fk} {k}: LAPS would re-rank {rerank} candidates and only {rerank} results "
                          f"could be returned; re-rank at least {k}, or 0 for the shortlist order")
+    return rerank
 
 @dataclass
 class Hit:
@@ -606,8 +686,8 @@ class Collection:
         seg, row = self._locate(np.asarray(ids))
         return [self.segments[s].items[r] for s, r in zip(seg, row)]
 
-def load_index_model(path) -> tuple[nn.Module, object]:
-    "(model, cfg) saved inside the index folder `path` (`path/model`, every file inside the folder); one clear error for an index without one."
+def load_index_model(path) -> tuple[nn.Module, object, object | None]:
+    "(model, cfg, tokenizer) saved inside the index folder `path` (`path/model`: every file inside it, checksummed); tokenizer None for an index saved without one."
     path = Path(path)
     m = read_manifest(path)
     folder = path / MODEL_DIR
@@ -620,12 +700,23 @@ def load_index_model(path) -> tuple[nn.Module, object]:
     from laps.model import LAPSModel
     contained(path, MODEL_DIR, f"{path}: {MODEL_DIR}")
     for name in PRETRAINED_FILES: contained(path, f'{MODEL_DIR}/{name}', str(folder))
-    model = load_pretrained(LAPSModel, folder)
-    bert = str(model.cfg.bert_path)
+    model = load_pretrained(LAPSModel, folder)                           # checks every file checksums.json records
+    if (folder / TOKENIZER_CONFIG).exists() or (folder / TOKENIZER_CONFIG).is_symlink():   # the index's own tokenizer
+        recorded = set(_read_json(folder / CHECKSUMS, 'checksums file').get('files', ())) if (folder / CHECKSUMS).is_file() else set()
+        stray = sorted(f.name for f in folder.iterdir() if f.name not in recorded | {'README.md', CHECKSUMS})
+        if stray or TOKENIZER_CONFIG not in recorded:
+            raise ValueError(f"{folder / (stray or [TOKENIZER_CONFIG])[0]}: not recorded in {folder / CHECKSUMS}; the "
+                             f"tokenizer is read only from the files laps index saved (was the folder changed by hand?)")
+        tc = _read_json(folder / TOKENIZER_CONFIG, 'tokenizer config')  # checksums.json can be rewritten too: no code, no paths
+        if not isinstance(tc, dict) or any(k == 'auto_map' or k.endswith('_file') for k in tc):
+            raise ValueError(f"{folder / TOKENIZER_CONFIG}: names code or files (auto_map, *_file), which the tokenizer laps "
+                             f"index saves never does")
+        return model, model.cfg, load_tokenizer(str(folder))             # `bert_path` is never read: it may name a folder
+    bert = str(model.cfg.bert_path)                                      # an index saved before its tokenizer was
     if bert != 'minilm' and (Path(bert).is_absolute() or bert.startswith('.') or Path(bert).is_dir()):
         raise ValueError(f"{folder / 'config.json'}: bert_path {bert!r} names a tokenizer folder outside the index; "
                          f"pass --model with your copy of the model to use it")
-    return model, model.cfg
+    return model, model.cfg, None
 
 def _distinct_folders(paths: Sequence[Path]) -> None:
     seen = {}
@@ -656,9 +747,11 @@ class Index:
 
     @classmethod
     def open(cls, path, *shards, model=None, cfg=None, tokenizer=None, device: str = 'cpu', verify: str = 'files') -> 'Index':
-        "Open an index folder (and further shards of the same gallery) with the model saved inside it; or with `model`: a run directory, checkpoint folder or .pth, or a loaded model (with `cfg`), checked by fingerprint."
+        "Open an index folder (and further shards of the same gallery) with the model and tokenizer saved inside it; or with `model`: a run directory, checkpoint folder or .pth, or a loaded model (with `cfg`), checked by fingerprint."
         _distinct_folders([Path(path), *map(Path, shards)])
-        if model is None: model, cfg = load_index_model(path)
+        if model is None:
+            model, cfg, saved = load_index_model(path)
+            tokenizer = tokenizer if tokenizer is not None else saved
         elif isinstance(model, (str, os.PathLike)):
             from laps.checkpoint import load_any_checkpoint
             model, cfg, _ = load_any_checkpoint(model)
@@ -683,10 +776,10 @@ class Index:
         return [Hit(r, float(s), float(g), it) for r, (s, g, it) in enumerate(zip(top, short, coll.items(ids)))]
 
     @torch.no_grad()
-    def search(self, text: str, k: int = 10, rerank: int = DEFAULT_RERANK) -> list[Hit]:
-        "The `k` best images for `text`: FAISS shortlist of max(k, rerank), re-ranked by LAPS (rerank=0: shortlist order)."
+    def search(self, text: str, k: int = 10, rerank: int | None = None) -> list[Hit]:
+        "The `k` best images for `text`: FAISS shortlist of max(k, rerank), re-ranked by LAPS (None: max(k, DEFAULT_RERANK); 0: shortlist order)."
         check_text(text)
-        check_rerank(k, rerank)
+        rerank = check_rerank(k, rerank)
         device = model_device(self.model)
         cap, lens, g = encode_caption_batch(self.model, self.tokenizer, [text], self.cfg.max_word)
         D, I = self.images.shortlist(g.float().cpu().numpy(), max(k, rerank))
@@ -696,9 +789,9 @@ class Index:
         return self._rerank(self.images, D[0], I[0], k, rerank, score)
 
     @torch.no_grad()
-    def search_image(self, image, k: int = 10, rerank: int = DEFAULT_RERANK) -> list[Hit]:
+    def search_image(self, image, k: int = 10, rerank: int | None = None) -> list[Hit]:
         "The `k` best indexed captions for an image (a path or a PIL image), as `search`."
-        check_rerank(k, rerank)
+        rerank = check_rerank(k, rerank)
         img = load_image(image) if isinstance(image, (str, Path)) else image
         device = model_device(self.model)
         tokens = self.model.encode_images(eval_transform(img, self.cfg.img_res)[None].to(device))

@@ -175,7 +175,8 @@ def index_bench_cli(argv: list[str]) -> int:
     p.add_argument('--split', default='test', help="split whose images are replicated and whose captions are the queries")
     p.add_argument('--data_path', default=None, help="override the model's data folder")
     p.add_argument('--queries', type=int, default=200); p.add_argument('-k', type=int, default=10)
-    p.add_argument('--rerank', type=int, default=DEFAULT_RERANK); p.add_argument('--noise', type=float, default=0.1)
+    p.add_argument('--rerank', type=int, default=None, help='re-ranked candidates (default max(-k, 100))')
+    p.add_argument('--noise', type=float, default=0.1)
     p.add_argument('--seed', type=int, default=0); p.add_argument('--threads', type=int, default=None)
     p.add_argument('--work', default=None, help='folder for the indexes (default: a temporary one)')
     p.add_argument('--keep', action='store_true', help='keep the built indexes'); p.add_argument('--json', action='store_true')
@@ -185,7 +186,7 @@ def index_bench_cli(argv: list[str]) -> int:
         if getattr(a, name) < 1: print(f"laps bench --index: --{name} must be positive", file=sys.stderr); return 2
     if min(a.sizes) < 1: print("laps bench --index: --sizes must be positive", file=sys.stderr); return 2
     from laps.index import check_rerank
-    try: check_rerank(a.k, a.rerank, ('-k', '--rerank'))
+    try: a.rerank = check_rerank(a.k, a.rerank, ('-k', '--rerank'))
     except ValueError as e: print(f"laps bench --index: {e}", file=sys.stderr); return 2
     res = run_index_bench(a.index, a.sizes, split=a.split, data_path=a.data_path, n_queries=a.queries, k=a.k,
                           rerank=a.rerank, noise=a.noise, seed=a.seed, threads=a.threads, work=a.work, keep=a.keep,

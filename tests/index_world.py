@@ -25,10 +25,10 @@ def _one_error_line(out, *expected):
     for s in expected: assert s in lines[0], (s, lines[0])
 
 
-def _tiny_model(seed, glob_loss_weight, data_path):
+def _tiny_model(seed, glob_loss_weight, data_path, bert_path='minilm'):
     torch.manual_seed(seed)
     cfg = LapsConfig(dataset='synthetic', data_path=str(data_path), img_res=32, num_patches=16, embed_size=16,
-                     bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0, max_word=32,
+                     bert_path=str(bert_path), vision_pretrained=False, text_pretrained=False, workers=0, max_word=32,
                      similarity_calc_method='attn', use_token_selection=1, token_selection_ratio=0.8,
                      glob_loss_weight=glob_loss_weight)
     text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)

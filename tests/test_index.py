@@ -60,7 +60,7 @@ def test_cli_defaults_are_the_librarys():
     from laps.index import DEFAULT_RERANK
     from laps.two_stage import DEFAULT_TOPK
     search, ev = _laps('search', '--help'), _laps('eval', '--help')
-    assert f'default {DEFAULT_RERANK})' in ' '.join(search.stdout.split())
+    assert f'default max(-k, {DEFAULT_RERANK}))' in ' '.join(search.stdout.split())
     assert f'(default K: {DEFAULT_TOPK})' in ' '.join(ev.stdout.split())
 
 

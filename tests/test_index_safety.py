@@ -3,6 +3,7 @@ it, refuse a damaged one with one line, skip what cannot be encoded, print what 
 time builds it (issue #21). The commands run in this process (`laps.cli.main`), which keeps these tests fast."""
 import contextlib, io, json, os, shutil, struct, threading, time, zlib
 from pathlib import Path
+import numpy as np
 import pytest
 from PIL import Image
 from index_world import make_world
@@ -229,7 +230,7 @@ def test_queries_rerank_links_and_shards_are_checked(world, idx, tmp_path, capsy
     _refused(capsys, 'search', idx, 'a' * 1001, expect=('1001 characters', 'at most 1000'))
     _refused(capsys, 'search', idx, 'a red circle', '--rerank', 3, '-k', 10, expect=('--rerank 3 is below -k 10',))
     assert _run(capsys, 'search', idx, 'a red circle', '--rerank', 0, '-k', 10)[0] == 0          # the shortlist order
-    assert _run(capsys, 'search', idx, 'a red circle')[0] == 0                                    # the defaults: k 10, rerank 100
+    assert _run(capsys, 'search', idx, 'a red circle')[0] == 0                                    # the defaults: k 10, rerank max(k, 100)
     index = Index.open(idx)
     for q in ('', 'x' * 5000):
         with pytest.raises(ValueError): index.search(q)
@@ -310,8 +311,9 @@ def test_the_index_carries_its_model(world, tmp_path, capsys):
     shutil.copy(next(more.iterdir()), more / 'new.png')
     assert _run(capsys, 'index', world['head'], '--images', more, '--out', out, '--append', '--no_progress')[0] == 0
     assert _run(capsys, 'search', out, 'a red circle')[0] == 0           # the append saved the model it checked
-    _edit(out / 'model', lambda c: c.update(bert_path=str(tmp_path)), 'config.json')
-    _refused(capsys, 'search', out, 'a red circle', expect=('bert_path', 'outside the index', '--model'))
+    assert (out / 'model' / 'tokenizer_config.json').is_file()           # ... and its tokenizer (see test 19)
+    _edit(out / 'model', lambda c: c.update(bert_path=str(tmp_path)), 'config.json')   # a tampered model file
+    _refused(capsys, 'search', out, 'a red circle', expect=(str(out / 'model' / 'config.json'), 'checksums.json'))
     shutil.rmtree(out / 'model')
     (out / 'model').symlink_to(world['head'] / 'checkpoint_best')
     _refused(capsys, 'search', out, 'a red circle', expect=('leads outside',))
@@ -327,3 +329,178 @@ def test_outputs_never_land_on_inputs(world, idx, tmp_path, capsys):
     _refused(capsys, 'index', model, '--images', world['gallery'], '--out', model.parent, '--no_progress',
              expect=('--out', 'holds or lies inside the model'))
     assert sorted(str(p) for p in model.rglob('*')) == listing and not (model.parent / 'index.json').exists()
+
+
+# 13. A build writes only its own files inside the index, never through a link planted there (review of issue #21).
+def test_a_planted_faiss_temp_link_is_never_written_through(world, idx, tmp_path, capsys):
+    from laps.index import commit_segments
+    victim = tmp_path / 'victim.bin'; victim.write_bytes(b'precious')
+    planted = idx / 'images' / '.faiss-1.index.tmp'                   # the temp name the commit wrote through
+    planted.symlink_to(victim)
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    _refused(capsys, 'index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress',
+             expect=(str(planted), 'symbolic link'))
+    assert victim.read_bytes() == b'precious'
+    m = json.loads((idx / 'index.json').read_text())                   # the commit itself (as laps bench --index calls it)
+    commit_segments(idx, m, m['model'], {'images': ['seg-0000']}, 'flat', 100, ['test'])
+    assert victim.read_bytes() == b'precious' and not planted.is_symlink()   # a fresh temp name; the link was swept
+    assert _run(capsys, 'search', idx, 'a red circle', '-k', 2)[0] == 0
+
+
+@pytest.mark.parametrize('name', ['commands.jsonl', 'images/seg-0001.partial', 'captions/seg-0001'])
+def test_a_link_where_a_build_writes_is_refused(world, idx, tmp_path, capsys, name):
+    victim = tmp_path / 'victim'; victim.mkdir(); (victim / 'keep.txt').write_text('precious')
+    if name == 'commands.jsonl': (idx / name).unlink()                 # the index's own log, replaced by a link
+    (idx / name).symlink_to(victim / 'keep.txt' if name == 'commands.jsonl' else victim)
+    manifest = (idx / 'index.json').read_bytes()
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    _refused(capsys, 'index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress',
+             expect=(str(idx / name), 'symbolic link'))
+    assert [f.name for f in victim.iterdir()] == ['keep.txt'] and (victim / 'keep.txt').read_text() == 'precious'
+    assert (idx / 'index.json').read_bytes() == manifest and not (idx / 'images' / 'seg-0001').exists()
+
+
+def test_a_planted_partial_segment_is_never_written_through(world, idx, tmp_path, capsys):
+    "A `.partial` segment whose plan matches the append's would be continued in place: a link among its files is refused."
+    from laps.index import list_images
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    m = json.loads((idx / 'index.json').read_text())
+    T, C = m['model']['image_tokens']
+    part = idx / 'images' / 'seg-0001.partial'; part.mkdir()
+    plan = dict(items=[dict(path=p) for p in list_images(more)], model=m['model']['fingerprint'], rank=0, world_size=1)
+    (part / 'plan.json').write_text(json.dumps(plan))
+    (part / 'progress.json').write_text(json.dumps(dict(done=0, rows=0, skipped=[])))
+    for f, size in (('tokens.f16', T * C * 2), ('globals.f32', C * 4), ('rows.i64', 8)): (part / f).write_bytes(bytes(size))
+    victim = tmp_path / 'victim.txt'; victim.write_text('precious')
+    (part / 'items.jsonl').symlink_to(victim)
+    code, _, err = _run(capsys, 'index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress')
+    assert victim.read_text() == 'precious'
+    assert code == 2 and err.startswith(f"laps: error: {part / 'items.jsonl'}: a symbolic link") and len(err.splitlines()) == 1, err
+
+
+# 14. A torchrun rank with nothing to encode (fewer new items than ranks) writes an empty segment that opens.
+def test_a_rank_with_no_items_writes_an_empty_segment(world, tmp_path, capsys):
+    from laps.checkpoint import load_any_checkpoint
+    from laps.distributed import DistInfo
+    from laps.index import Segment, SegmentWriter, build_index, list_images
+    for kind in ('images', 'captions'):
+        SegmentWriter(tmp_path / 'x' / kind, 'seg-0000-r1', dict(items=[], model='m', rank=1, world_size=2), (5, 4),
+                      with_lens=kind == 'captions').finish()
+        s = Segment.open(tmp_path / 'x', kind, 'seg-0000-r1', (5, 4))
+        assert s.n == 0 and s.tokens.shape == (0, 5, 4) and s.items == []
+    model, cfg, _ = load_any_checkpoint(world['head'])
+    one = list_images(_small_gallery(world, tmp_path / 'one', n=1))
+    out = tmp_path / 'idx'
+    for rank in (1, 0):                                                 # rank 1's share of one image is empty; rank 0 commits
+        build_index(model, cfg, out, images=one, progress=False, info=DistInfo(rank=rank, world_size=2))
+    m = json.loads((out / 'index.json').read_text())
+    assert m['collections']['images']['segments'] == ['seg-0000-r0', 'seg-0000-r1'] and m['collections']['images']['n'] == 1
+    code, stdout, err = _run(capsys, 'search', out, 'a red circle')
+    assert code == 0 and len(stdout.splitlines()) == 1, err
+
+
+# 15. A manifest that no longer names seg-0000 never makes an append reuse (and delete) the live seg-0001.
+def test_an_append_never_replaces_a_segment_the_manifest_names(world, idx, tmp_path, capsys):
+    os.rename(idx / 'images' / 'seg-0000', idx / 'images' / 'seg-0001')
+    _edit(idx, lambda m: m['collections']['images'].update(segments=['seg-0001']))
+    assert _run(capsys, 'search', idx, 'a red circle')[0] == 0         # a valid index of 10 images
+    items = (idx / 'images' / 'seg-0001' / 'items.jsonl').read_text()
+    more = _small_gallery(world, tmp_path / 'more', n=1)
+    code, stdout, err = _run(capsys, 'index', world['head'], '--images', more, '--out', idx, '--append', '--no_progress')
+    assert code == 0 and f'{idx}: 11 images' in stdout, err
+    assert json.loads((idx / 'index.json').read_text())['collections']['images']['segments'] == ['seg-0001', 'seg-0002']
+    assert (idx / 'images' / 'seg-0001' / 'items.jsonl').read_text() == items
+
+
+# 16. More results than the default re-rank depth: the default re-ranks max(k, 100).
+def test_k_above_the_default_rerank_is_answered(idx, capsys):
+    from laps.index import Index
+    code, stdout, err = _run(capsys, 'search', idx, 'a red circle', '-k', 200, '--json')
+    hits = json.loads(stdout) if code == 0 else err
+    assert code == 0 and len(hits) == 10 and any(h['score'] != h['shortlist_score'] for h in hits), hits   # re-ranked
+    _refused(capsys, 'search', idx, 'a red circle', '-k', 200, '--rerank', 150, expect=('--rerank 150 is below -k 200',))
+    assert _run(capsys, 'search', idx, 'a red circle', '-k', 200, '--rerank', 0)[0] == 0
+    assert [h.item for h in Index.open(idx).search('a red circle', k=200)] == [{'path': h['path']} for h in hits]
+
+
+# 17. A first build never takes over a folder that is not an index (an unrelated model/ would have been replaced).
+@pytest.mark.parametrize('entry', ['model/weights.bin', 'notes.txt', 'images/holiday.jpg', 'LAPS MODEL'])
+def test_a_first_build_never_takes_over_a_folder_that_is_not_an_index(world, tmp_path, capsys, entry):
+    project = tmp_path / 'project'
+    if entry == 'LAPS MODEL': shutil.copytree(world['other'] / 'checkpoint_best', project / 'model'); entry = 'model/config.json'
+    else: (project / entry).parent.mkdir(parents=True, exist_ok=True); (project / entry).write_text('mine')
+    listing = {p: p.read_bytes() for p in project.rglob('*') if p.is_file()}
+    name = entry.split('/')[0]
+    _refused(capsys, 'index', world['head'], '--images', world['gallery'], '--out', project, '--no_progress',
+             expect=(str(project), repr(name) if name == 'notes.txt' else f'{name}/', 'new or empty folder'))
+    assert {p: p.read_bytes() for p in project.rglob('*') if p.is_file()} == listing     # nothing written, nothing replaced
+    assert sorted(p.name for p in project.iterdir()) == [name]
+
+
+def test_a_first_build_interrupted_after_saving_its_model_continues(world, tmp_path, capsys):
+    out = tmp_path / 'idx'
+    args = ('index', world['head'], '--images', _small_gallery(world, tmp_path / 'g'), '--out', out, '--no_progress')
+    assert _run(capsys, *args)[0] == 0
+    (out / 'index.json').unlink(); (out / 'commands.jsonl').unlink()     # as if killed just before the manifest
+    code, stdout, err = _run(capsys, *args)
+    assert code == 0 and f'{out}: 3 images' in stdout, err
+
+
+# 18. Token shapes are the model's: a manifest (and segments) crafted with another token count is one line.
+def test_token_shapes_other_than_the_models_are_refused(world, idx, capsys):
+    from laps.guards import sha256_file
+    T, C = json.loads((idx / 'index.json').read_text())['model']['image_tokens']
+    seg = idx / 'images' / 'seg-0000'
+    meta = json.loads((seg / 'meta.json').read_text())
+    tokens = np.fromfile(seg / 'tokens.f16', np.float16).reshape(meta['n'], T, C)
+    np.concatenate([tokens, tokens[:, :1]], 1).tofile(seg / 'tokens.f16')   # one token more per image, consistently
+    meta.update(token_shape=[T + 1, C], files=dict(meta['files'], **{'tokens.f16': dict(
+        sha256=sha256_file(seg / 'tokens.f16'), bytes=(seg / 'tokens.f16').stat().st_size)}))
+    (seg / 'meta.json').write_text(json.dumps(meta))
+    _edit(idx, lambda m: m['model'].update(image_tokens=[T + 1, C]))
+    expect = (str(idx / 'index.json'), f'model.image_tokens [{T + 1}, {C}]', f'makes [{T}, {C}]')
+    _refused(capsys, 'search', idx, 'a red circle', expect=expect)
+    _refused(capsys, 'index', world['head'], '--images', world['gallery'], '--out', idx, '--append', '--no_progress',
+             expect=expect)
+
+
+# 19. The tokenizer comes from inside the index: a model whose tokenizer was a local folder, or a hub name that the
+# current folder happens to hold, is searched without --model; an index saved before keeps the old rule.
+def test_the_index_carries_its_tokenizer(world, tmp_path, capsys, monkeypatch):
+    from index_world import _tiny_model
+    from laps.checkpoint import save_checkpoint
+    from laps.data import load_tokenizer
+    from laps.guards import write_checksums
+    from laps.pretrained import PRETRAINED_FILES
+    local = tmp_path / 'bert-local'; load_tokenizer('minilm').save_pretrained(str(local))
+    gallery = _small_gallery(world, tmp_path / 'g')
+    outs = {}
+    for bert in (local, 'bert-base-uncased'):                          # an offline copy; a hub name
+        model, cfg = _tiny_model(0, 0.5, world['root'] / 'data', bert_path=bert)
+        run = tmp_path / f'run-{len(outs)}'; save_checkpoint(run / 'checkpoint_best', model, cfg, save_rng=False)
+        outs[bert] = out = tmp_path / f'idx-{len(outs)}'
+        assert _run(capsys, 'index', run, '--images', gallery, '--out', out, '--no_progress')[0] == 0
+        assert (out / 'model' / 'tokenizer_config.json').is_file()
+    shutil.rmtree(local)                                                # the tokenizer folder is gone: the index has its own
+    (tmp_path / 'bert-base-uncased').mkdir(); monkeypatch.chdir(tmp_path)   # a folder named like the hub tokenizer
+    expected = None
+    for out in outs.values():
+        code, stdout, err = _run(capsys, 'search', out, 'a red circle', '-k', 3, '--json')
+        assert code == 0, err
+        hits = [(Path(h['path']).name, round(h['score'], 4)) for h in json.loads(stdout)]
+        assert expected in (None, hits); expected = hits                  # the same weights and vocabulary: the same hits
+    model_dir = outs[local] / 'model'
+    (model_dir / 'added_tokens.json').write_text('{"evil": 0}')         # a tokenizer file nobody checksummed
+    _refused(capsys, 'search', outs[local], 'a red circle', expect=(str(model_dir / 'added_tokens.json'), 'checksums.json'))
+    (model_dir / 'added_tokens.json').unlink()
+    from laps.guards import sha256_file
+    tc = json.loads((model_dir / 'tokenizer_config.json').read_text())
+    (model_dir / 'tokenizer_config.json').write_text(json.dumps(dict(tc, vocab_file=str(world['root'] / 'vocab.txt'))))
+    sums = json.loads((model_dir / 'checksums.json').read_text())     # re-recorded too: checksums do not stop a forger
+    sums['files']['tokenizer_config.json'] = dict(sha256=sha256_file(model_dir / 'tokenizer_config.json'),
+                                                  bytes=(model_dir / 'tokenizer_config.json').stat().st_size)
+    (model_dir / 'checksums.json').write_text(json.dumps(sums))
+    _refused(capsys, 'search', outs[local], 'a red circle', expect=(str(model_dir / 'tokenizer_config.json'), 'auto_map, *_file'))
+    for f in model_dir.glob('tokenizer*'): f.unlink()                  # as an index saved before the tokenizer was
+    write_checksums(model_dir, PRETRAINED_FILES)
+    _refused(capsys, 'search', outs[local], 'a red circle', expect=('bert_path', 'outside the index', '--model'))
