@@ -53,10 +53,10 @@ def test_two_rank_eval_equals_one_process(tmp_path):
     assert ranks[0] == ranks[1]                                         # every rank holds the whole matrix
     for case, c in ranks[0].items():
         assert c['shape'] == c['ref_shape'], case
+        # Each rank scores its own images: the GEMMs see fewer image rows than in one process, and the CPU's
+        # kernels may then round the last bits differently, in either engine (measured 7.5e-9 for the reference
+        # engine on an AVX-512 Xeon, bit-identical on other machines). The matrix agrees to float32 precision.
         assert c['max_diff'] <= 1e-6, (case, c)
-        # same batches, same blocks: bit for bit with the reference engine; the fast engine's GEMMs
-        # see fewer image rows per rank, which may change the last bits
-        if 'fast' not in case: assert c['equal'], (case, c)
 
 
 @pytest.fixture(scope='module')
