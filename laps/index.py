@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .atomic import write_json_atomic, fsync_dir, fsync_file, atomic_folder
 from .data import load_image, eval_transform, load_tokenizer, encode_caption, read_split
 from .datasets import image_folder
-from .distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main
+from .distributed import DistInfo, barrier, on_main
 from .evaluation import model_device, shard_range
 from .guards import CHECKSUMS, contained, file_checksums, verify_file, folder_lock, check_text, printable
 from .provenance import command_record, utc_now

@@ -28,7 +28,7 @@ def resolve_device(device: str = 'auto', gpu_id: int = 0) -> torch.device:
     m = re.fullmatch(r'auto|cpu|mps|cuda(?::(\d+))?', device) if isinstance(device, str) else None
     if m is None: raise ValueError(f"--device {device!r}: expected auto, cpu, cuda, cuda:N or mps")
     if device == 'mps':                                                # Apple silicon
-        if not torch.backends.mps.is_available(): raise ValueError(f"--device mps: this machine has no MPS device")
+        if not torch.backends.mps.is_available(): raise ValueError("--device mps: this machine has no MPS device")
         return torch.device('mps')
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == 'cpu' or (device == 'auto' and n == 0): return torch.device('cpu')
