@@ -107,6 +107,7 @@ check-install:
 	venv/bin/laps data synthetic --out "$$tmp/data/synthetic" --n_train 4 --n_dev 2 --n_test 2 --dev_probe_pairs 1 --test_probe_pairs 1 --img_size 32; \
 	venv/bin/python -c "import laps; laps.LAPSModel; print('import laps', laps.__version__, 'from', laps.__file__)"; \
 	venv/bin/python -c "import importlib, pkgutil, laps; \
-	  mods = [m.name for m in pkgutil.iter_modules(laps.__path__, 'laps.')]; [importlib.import_module(m) for m in mods]; \
-	  print('imported', len(mods), 'laps modules without dev tools')"; \
+	  mods = [m.name for m in pkgutil.walk_packages(laps.__path__, 'laps.')]; [importlib.import_module(m) for m in mods]; \
+	  assert {m.split('.')[1] for m in mods if m.count('.') == 2} == set(laps.LAYERS), mods; \
+	  print('imported', len(mods), 'laps modules of every subpackage without dev tools')"; \
 	echo "check-install: passed in $$(( $$(date +%s) - start )) s"

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 from transformers import ViTConfig, BertConfig
-from laps.config import LapsConfig
-from laps.model import LAPSModel
-from laps.data import collate
-from laps.distributed import init_distributed, cleanup_distributed, barrier, wrap_ddp, is_distributed
-from laps.training import training_step
-from laps.evaluation import score_split
+from laps.core.config import LapsConfig
+from laps.model.modeling import LAPSModel
+from laps.data.loaders import collate
+from laps.core.distributed import init_distributed, cleanup_distributed, barrier, wrap_ddp, is_distributed
+from laps.training.step import training_step
+from laps.eval.evaluate import score_split
 
 TINY = dict(embed_size=16, img_res=32, num_patches=16, engine='reference', grad_clip=1e6, max_violation=True)
 IMPROVED = dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8, similarity_calc_method='attn',

@@ -3,8 +3,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
-from laps.registry import SIMILARITY_METHODS
-from laps.similarity import SimilarityMethod, patch_word_scores
+from laps.core.registry import SIMILARITY_METHODS
+from laps.model.similarity import SimilarityMethod, patch_word_scores
 
 
 class GatedMeanSimilarity(SimilarityMethod):

@@ -49,9 +49,9 @@ def main(argv=None) -> int:
         laps('train', '--preset', 'cpu', '--device', a.device, '--data_path', data, '--glob_loss_weight', 1.0,
              '--logger_name', run, '--no_progress')
 
-    from laps.checkpoint import load_any_checkpoint
-    from laps.evaluation import evaluate_split
-    from laps.two_stage import evaluate_split_two_stage, format_two_stage
+    from laps.checkpoint.run import load_any_checkpoint
+    from laps.eval.evaluate import evaluate_split
+    from laps.eval.two_stage import evaluate_split_two_stage, format_two_stage
     model, cfg, _ = load_any_checkpoint(run)
     cfg = cfg.replace(data_path=str(data), device=a.device)
     model.to(a.device).eval()

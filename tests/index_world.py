@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import BertConfig, ViTConfig
-from laps.checkpoint import save_checkpoint
-from laps.config import LapsConfig
-from laps.model import LAPSModel
+from laps.checkpoint.run import save_checkpoint
+from laps.core.config import LapsConfig
+from laps.model.modeling import LAPSModel
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
@@ -38,7 +38,7 @@ def _tiny_model(seed, glob_loss_weight, data_path, bert_path='minilm'):
 
 def make_world(root: Path) -> dict:
     "Synthetic data, a gallery folder (with a corrupt file), and two tiny models: with a global head, and another one."
-    from laps.synthetic import generate_synthetic
+    from laps.data.synthetic import generate_synthetic
     generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12, dev_probe_pairs=1,
                        test_probe_pairs=1)
     gallery = root / 'gallery'

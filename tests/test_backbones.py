@@ -5,13 +5,13 @@ import torch
 from torch import nn
 from transformers import (AutoConfig, BertConfig, DeiTConfig, RobertaConfig, SwinConfig, ViTConfig)
 from laps import LapsConfig, LAPSModel, CrossNet
-from laps.config import default_vision_backbone
-from laps.data import collate, load_tokenizer
-from laps.encoders import (adapter_for, build_backbone, has_cls_token, num_spatial_patches, pad_token_id,
+from laps.core.config import default_vision_backbone
+from laps.data.loaders import collate, load_tokenizer
+from laps.model.encoders import (adapter_for, build_backbone, has_cls_token, num_spatial_patches, pad_token_id,
                            vision_families, ImageEncoder, TextEncoder)
-from laps.model import keep_text_layers, frozen_text_modules
-from laps.registry import BACKBONES
-from laps.training import build_optimizer
+from laps.model.modeling import keep_text_layers, frozen_text_modules
+from laps.core.registry import BACKBONES
+from laps.training.step import build_optimizer
 
 TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 

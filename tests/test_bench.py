@@ -1,9 +1,9 @@
 """`laps bench` for the methods that do not slim: it runs, both engines agree, and the FLOP estimate is the method's."""
 import json
 import pytest
-from laps.bench import run_bench, bench_cli
-from laps.config import get_config
-from laps.registry import SIMILARITY_METHODS
+from laps.eval.bench import run_bench, bench_cli
+from laps.core.config import get_config
+from laps.core.registry import SIMILARITY_METHODS
 
 BASELINES = [m for m in SIMILARITY_METHODS.names() if not SIMILARITY_METHODS.get(m).slims_patches]
 C = get_config('cpu').embed_size   # the cpu preset's joint embedding width

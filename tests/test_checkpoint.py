@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import ViTConfig, SwinConfig, BertConfig, ViTModel, SwinModel, BertModel
-import laps.pretrained
-from laps.checkpoint import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
-from laps.legacy import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
-from laps.rng import rng_states, restore_rng_states
-from laps.state_dicts import CheckpointError
-from laps.config import LapsConfig
-from laps.model import LAPSModel, unwrap_model
+import laps.model.pretrained
+from laps.checkpoint.run import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
+from laps.checkpoint.released import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
+from laps.core.rng import rng_states, restore_rng_states
+from laps.core.errors import CheckpointError
+from laps.core.config import LapsConfig
+from laps.model.modeling import LAPSModel, unwrap_model
 
 FIX = Path(__file__).parent / 'fixtures'
 T4 = json.loads((FIX / 'transformers4_keys.json').read_text())
@@ -114,7 +114,7 @@ def test_failed_write_keeps_old_checkpoint_and_leaves_no_temp(tiny_vit, tiny_ber
     other = _model(tiny_vit, tiny_bert)
     with torch.no_grad(): other.img_enc.vision_proj.weight.mul_(-1)
     def boom(*a, **k): raise OSError('No space left on device')
-    monkeypatch.setattr(laps.pretrained, 'save_file', boom)
+    monkeypatch.setattr(laps.model.pretrained, 'save_file', boom)
     with pytest.raises(OSError, match='No space left'):
         save_checkpoint(p, other, trainer_state={'epoch': 2})
     monkeypatch.undo()
@@ -144,7 +144,7 @@ def test_killed_between_renames_uses_backup(tiny_vit, tiny_bert, tmp_path, caplo
     p = save_checkpoint(tmp_path / 'run' / 'checkpoint_best', model, trainer_state={'epoch': 4})
     os.replace(p, p.with_name('.checkpoint_best.old'))                      # what a kill at that moment leaves
     (tmp_path / 'run' / '.checkpoint_best.tmp-zzz').mkdir()                 # and a stale temp folder
-    with caplog.at_level(logging.WARNING, logger='laps.atomic'):
+    with caplog.at_level(logging.WARNING, logger='laps.core.atomic'):
         assert load_any_checkpoint(tmp_path / 'run')[2]['epoch'] == 4
         assert load_checkpoint(p)[2]['epoch'] == 4
     assert 'interrupted save' in caplog.text
@@ -187,7 +187,7 @@ def _no_network(monkeypatch):
     def no_hub(*a, **k): raise AssertionError('network access attempted')
     for name in ('hf_hub_download', 'snapshot_download'):
         monkeypatch.setattr(f'huggingface_hub.{name}', no_hub)
-    monkeypatch.setattr(laps.pretrained, 'snapshot_download', no_hub)
+    monkeypatch.setattr(laps.model.pretrained, 'snapshot_download', no_hub)
     monkeypatch.setattr('huggingface_hub.hub_mixin.hf_hub_download', no_hub)
     for cls in (ViTModel, BertModel, SwinModel):
         monkeypatch.setattr(cls, 'from_pretrained', classmethod(no_hub))
@@ -368,7 +368,7 @@ def test_legacy_fixture_matches_transformers4_outputs(name):
 
 
 def test_legacy_swin_drops_unused_improved_keys_and_old_buffers(caplog):
-    with caplog.at_level(logging.INFO, logger='laps.legacy'):
+    with caplog.at_level(logging.INFO, logger='laps.checkpoint.released'):
         model, cfg, info = load_legacy_checkpoint(FIX / 'legacy_swin_paper.pth', **TINY['legacy_swin_paper'])
     assert (cfg.vit_type, cfg.similarity_calc_method, cfg.use_token_selection, cfg.n_aggregated) == ('swin', 'max', 0, 7)
     assert sorted(k.rsplit('.', 1)[-1] for k in info['dropped_keys']) == ['position_ids'] + ['relative_position_index'] * 4

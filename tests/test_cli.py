@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from transformers import BertConfig, SwinConfig, ViTConfig
 import laps
-from laps.checkpoint import save_checkpoint
-from laps.config import LapsConfig
-from laps.metrics import evaluate_sims, format_metrics, load_sims, recall_ci95, save_sims, sims_metadata_path
-from laps.model import LAPSModel
+from laps.checkpoint.run import save_checkpoint
+from laps.core.config import LapsConfig
+from laps.eval.metrics import evaluate_sims, format_metrics, load_sims, recall_ci95, save_sims, sims_metadata_path
+from laps.model.modeling import LAPSModel
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / 'tests' / 'fixtures'
@@ -226,7 +226,7 @@ def _assert_metrics(got: dict, expected: dict):
 @pytest.fixture(scope='module')
 def synthetic_run(tmp_path_factory):
     "A tiny synthetic folder (its test split is scored with the test probes, one pair per kind) and a run folder holding a tiny untrained model."
-    from laps.synthetic import generate_synthetic
+    from laps.data.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('synthetic_run')
     generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12, dev_probe_pairs=1, test_probe_pairs=1)
     text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
@@ -241,7 +241,7 @@ def synthetic_run(tmp_path_factory):
 
 
 def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run):
-    from laps.minimal_pairs import SCORES, format_minimal_pairs
+    from laps.eval.minimal_pairs import SCORES, format_minimal_pairs
     out = _laps('eval', synthetic_run, '--split', 'test', '--json')
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads(out.stdout)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from laps.config import LapsConfig, get_config
-from laps.datasets import DatasetSpec, TrainAugmentation, register_dataset, get_dataset, image_folder
-from laps.registry import DATASETS
-from laps.data import (read_split, check_images, load_image, random_resized_crop_box, train_transform,
+from laps.core.config import LapsConfig, get_config
+from laps.data.datasets import DatasetSpec, TrainAugmentation, register_dataset, get_dataset, image_folder
+from laps.core.registry import DATASETS
+from laps.data.loaders import (read_split, check_images, load_image, random_resized_crop_box, train_transform,
                        eval_transform, apply_train_params, to_normalized_tensor, load_tokenizer, caption_words,
                        encode_caption, word_actions, augment_words, KEEP, MASK, RANDOM, DELETE, TrainDataset,
                        ImageDataset, CaptionDataset, collate, build_loader, build_train_loader, build_eval_loaders,
@@ -178,7 +178,7 @@ def test_random_resized_crop_distribution():
 def test_flip_probability():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
     g = torch.Generator().manual_seed(0)
-    from laps.data import sample_train_params
+    from laps.data.loaders import sample_train_params
     flips = [sample_train_params(8, 8, g)[1] for _ in range(4000)]
     assert 0.46 < np.mean(flips) < 0.54
     assert not any(sample_train_params(8, 8, g, hflip=False)[1] for _ in range(50))
@@ -330,25 +330,25 @@ def test_factories_from_config(tmp_path, tok):
 # ---------------------------------------------------------------- the dataset registry
 def test_bert_base_uncased_fallback_is_logged(caplog):
     from huggingface_hub import try_to_load_from_cache
-    from laps.encoders import minilm_path
+    from laps.model.encoders import minilm_path
     if isinstance(try_to_load_from_cache('bert-base-uncased', 'vocab.txt'), str):
         pytest.skip('bert-base-uncased is in the Hugging Face cache here: nothing falls back')
-    with caplog.at_level(logging.WARNING, logger='laps.data'):
+    with caplog.at_level(logging.WARNING, logger='laps.data.loaders'):
         tok = load_tokenizer('bert-base-uncased')
-    records = [r for r in caplog.records if r.name == 'laps.data']
+    records = [r for r in caplog.records if r.name == 'laps.data.loaders']
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     msg = records[0].getMessage()
     assert "'bert-base-uncased' is not in the Hugging Face cache" in msg and str(minilm_path() / 'vocab.txt') in msg
     assert len(tok) == 30522
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger='laps.data'):
+    with caplog.at_level(logging.WARNING, logger='laps.data.loaders'):
         load_tokenizer('minilm')                                        # asked for by name: nothing to warn about
-    assert not [r for r in caplog.records if r.name == 'laps.data']
+    assert not [r for r in caplog.records if r.name == 'laps.data.loaders']
 
 
 def test_loss_overrides_reach_the_criterion():
-    from laps.losses import DistanceWeightedTripletLoss
-    from laps.training import make_alignment_loss
+    from laps.model.losses import DistanceWeightedTripletLoss
+    from laps.training.step import make_alignment_loss
     sims, ids = torch.rand(8, 8) * 2 - 1, torch.arange(8)
     def value(criterion):
         torch.manual_seed(0)                                            # the triplet loss samples negatives
@@ -386,7 +386,7 @@ def mine_folder(root, n_train=8, n_dev=4, n_test=4, size=32):
 
 @pytest.fixture
 def mine(tmp_path):
-    "The one documented registration call (nbs/05_datasets), undone after the test."
+    "The one documented registration call (nbs/40_data.datasets), undone after the test."
     mine_folder(tmp_path)
     spec = register_dataset(DatasetSpec('mine', captions_per_image=3))
     yield tmp_path, spec
@@ -412,10 +412,10 @@ def test_user_dataset_reads_and_loads(mine, tok):
 def test_user_dataset_trains_and_evaluates(mine):
     "One epoch through the runner with a tiny model, then the best checkpoint evaluated on test (about 2 s)."
     from transformers import BertConfig, ViTConfig
-    from laps.checkpoint import load_checkpoint
-    from laps.evaluation import evaluate_split
-    from laps.metrics import evaluate_sims, retrieval_metrics
-    from laps.runner import train
+    from laps.checkpoint.run import load_checkpoint
+    from laps.eval.evaluate import evaluate_split
+    from laps.eval.metrics import evaluate_sims, retrieval_metrics
+    from laps.training.runner import train
     root, _ = mine
     cfg = get_config(None, dataset='mine', data_path=str(root), logger_name=str(root / 'run'), img_res=32, num_patches=16,
                      embed_size=16, batch_size=6, num_epochs=1, workers=0, max_word=12, device='cpu', log_step=1,

@@ -3,7 +3,7 @@ import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
-from laps.synthetic import generate_synthetic
+from laps.data.synthetic import generate_synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ def _torchrun(*args):
 
 
 def _worker(mode, out):
-    "Run dist_worker.py under torchrun; a failed launch is tried once more (gloo once aborted a rank in CI, see 72_distributed)."
+    "Run dist_worker.py under torchrun; a failed launch is tried once more (gloo once aborted a rank in CI, see 08_core.distributed)."
     first = _torchrun(WORKER, mode, out)
     res = first if first.returncode == 0 else _torchrun(WORKER, mode, out)
     assert res.returncode == 0, first.stderr[-2000:] + '\n---\n' + res.stderr[-2000:]

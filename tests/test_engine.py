@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from laps import LapsConfig, CrossNet
-from laps.registry import SIMILARITY_METHODS
-from laps.engine import DEFAULT_MEMORY_BUDGET
-from laps.lps import n_kept_patches, image_global, text_global, patch_scores, split_cls
+from laps.core.registry import SIMILARITY_METHODS
+from laps.model.engine import DEFAULT_MEMORY_BUDGET
+from laps.model.lps import n_kept_patches, image_global, text_global, patch_scores, split_cls
 import extra_similarity
 
 TOL = 1e-4
@@ -323,7 +323,7 @@ def test_dense_is_max_over_every_image_token_and_word(T):
 
 @pytest.mark.slow
 def test_bench_quick_json(capsys):
-    from laps.bench import bench_cli
+    from laps.eval.bench import bench_cli
     assert bench_cli(['--quick', '--json']) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup'):

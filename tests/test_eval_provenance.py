@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, ViTConfig
-from laps.checkpoint import save_checkpoint
+from laps.checkpoint.run import save_checkpoint
 from laps.cli import main
-from laps.config import LapsConfig
-from laps.metrics import evaluate_sims, load_sims, load_sims_metadata, save_sims
-from laps.model import LAPSModel
+from laps.core.config import LapsConfig
+from laps.eval.metrics import evaluate_sims, load_sims, load_sims_metadata, save_sims
+from laps.model.modeling import LAPSModel
 
 
 def _model(seed, data_path):
@@ -26,7 +26,7 @@ def _model(seed, data_path):
 @pytest.fixture(scope='module')
 def world(tmp_path_factory):
     "The run's own data, other data (another seed, another folder), and a run directory holding a tiny untrained model."
-    from laps.synthetic import generate_synthetic
+    from laps.data.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('provenance')
     for name, seed in (('own', 0), ('other', 1)):
         generate_synthetic(root / name / 'synthetic', seed=seed, n_train=4, n_dev=6, n_test=8, dev_probe_pairs=1,

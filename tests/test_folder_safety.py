@@ -6,15 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import ViTConfig, BertConfig
-import laps.pretrained
-from laps.checkpoint import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
-from laps.config import LapsConfig, get_config
-from laps.legacy import convert_checkpoint, load_legacy_checkpoint
-from laps.model import LAPSModel
-from laps.pretrained import config_from_json, read_pretrained
-from laps.runner import prepare_run_dir
-from laps.state_dicts import CheckpointError
-from laps.training import resolve_device
+import laps.model.pretrained
+from laps.checkpoint.run import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
+from laps.core.config import LapsConfig, get_config
+from laps.checkpoint.released import convert_checkpoint, load_legacy_checkpoint
+from laps.model.modeling import LAPSModel
+from laps.model.pretrained import config_from_json, read_pretrained
+from laps.training.runner import prepare_run_dir
+from laps.core.errors import CheckpointError
+from laps.core.devices import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / 'tests' / 'fixtures'
@@ -122,7 +122,7 @@ def test_convert_overwrite_replaces_only_what_it_wrote(legacy, tmp_path, monkeyp
     (out / 'mine.txt').unlink(); (out / 'plots').rmdir()
     first = {f.name: _sha(f) for f in out.iterdir()}
     def boom(*a, **k): raise OSError('No space left on device')                 # a failed replacement keeps the old output
-    monkeypatch.setattr(laps.pretrained, 'save_file', boom)
+    monkeypatch.setattr(laps.model.pretrained, 'save_file', boom)
     with pytest.raises(OSError, match='No space left'): convert_checkpoint(src, out, overwrite=True, **TINY)
     monkeypatch.undo()
     assert {f.name: _sha(f) for f in out.iterdir()} == first
@@ -341,7 +341,7 @@ def test_cli_device_that_is_not_there_is_one_line_before_any_model_is_loaded(tin
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)          # any machine: a CPU-only torch
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
     def no_load(*a, **k): raise AssertionError('a model was loaded before the device was checked')
-    monkeypatch.setattr('laps.checkpoint.load_any_checkpoint', no_load)
+    monkeypatch.setattr('laps.checkpoint.run.load_any_checkpoint', no_load)
     msg = f"--device cuda: this torch ({torch.__version__}) has no CUDA device; use --device cpu or auto"
     for argv in (['train', '--preset', 'cpu', '--device', 'cuda', '--logger_name', tmp_path / 'r'],
                  ['eval', p, '--device', 'cuda'], ['eval', p, '--rerank_topk', '5', '--device', 'cuda'],

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from index_world import make_world
 from laps.cli import main
-from laps.guards import folder_lock
+from laps.core.guards import folder_lock
 
 
 @pytest.fixture(scope='module')
@@ -187,8 +187,8 @@ def test_huge_images_are_skipped_named_and_refused_as_a_query(world, tmp_path, c
 
 
 def test_an_interrupted_build_of_other_items_does_not_block_the_next_command(world, tmp_path, capsys):
-    from laps.checkpoint import load_any_checkpoint
-    from laps.index import build_index, list_images
+    from laps.checkpoint.run import load_any_checkpoint
+    from laps.retrieval.index import build_index, list_images
     model, cfg, _ = load_any_checkpoint(world['head'])
     out = tmp_path / 'idx'
     class Stop(Exception): pass
@@ -224,7 +224,7 @@ def test_names_and_captions_cannot_drive_the_terminal(world, tmp_path, capsys):
 
 # 8. Queries, re-rank depth, links and shards.
 def test_queries_rerank_links_and_shards_are_checked(world, idx, tmp_path, capsys):
-    from laps.index import Index, list_images
+    from laps.retrieval.index import Index, list_images
     _refused(capsys, 'search', idx, '', expect=('empty',))
     _refused(capsys, 'search', idx, '   ', expect=('empty',))
     _refused(capsys, 'search', idx, 'a' * 1001, expect=('1001 characters', 'at most 1000'))
@@ -333,7 +333,7 @@ def test_outputs_never_land_on_inputs(world, idx, tmp_path, capsys):
 
 # 13. A build writes only its own files inside the index, never through a link planted there (review of issue #21).
 def test_a_planted_faiss_temp_link_is_never_written_through(world, idx, tmp_path, capsys):
-    from laps.index import commit_segments
+    from laps.retrieval.index import commit_segments
     victim = tmp_path / 'victim.bin'; victim.write_bytes(b'precious')
     planted = idx / 'images' / '.faiss-1.index.tmp'                   # the temp name the commit wrote through
     planted.symlink_to(victim)
@@ -362,7 +362,7 @@ def test_a_link_where_a_build_writes_is_refused(world, idx, tmp_path, capsys, na
 
 def test_a_planted_partial_segment_is_never_written_through(world, idx, tmp_path, capsys):
     "A `.partial` segment whose plan matches the append's would be continued in place: a link among its files is refused."
-    from laps.index import list_images
+    from laps.retrieval.index import list_images
     more = _small_gallery(world, tmp_path / 'more', n=1)
     m = json.loads((idx / 'index.json').read_text())
     T, C = m['model']['image_tokens']
@@ -380,9 +380,9 @@ def test_a_planted_partial_segment_is_never_written_through(world, idx, tmp_path
 
 # 14. A torchrun rank with nothing to encode (fewer new items than ranks) writes an empty segment that opens.
 def test_a_rank_with_no_items_writes_an_empty_segment(world, tmp_path, capsys):
-    from laps.checkpoint import load_any_checkpoint
-    from laps.distributed import DistInfo
-    from laps.index import Segment, SegmentWriter, build_index, list_images
+    from laps.checkpoint.run import load_any_checkpoint
+    from laps.core.distributed import DistInfo
+    from laps.retrieval.index import Segment, SegmentWriter, build_index, list_images
     for kind in ('images', 'captions'):
         SegmentWriter(tmp_path / 'x' / kind, 'seg-0000-r1', dict(items=[], model='m', rank=1, world_size=2), (5, 4),
                       with_lens=kind == 'captions').finish()
@@ -414,7 +414,7 @@ def test_an_append_never_replaces_a_segment_the_manifest_names(world, idx, tmp_p
 
 # 16. More results than the default re-rank depth: the default re-ranks max(k, 100).
 def test_k_above_the_default_rerank_is_answered(idx, capsys):
-    from laps.index import Index
+    from laps.retrieval.index import Index
     code, stdout, err = _run(capsys, 'search', idx, 'a red circle', '-k', 200, '--json')
     hits = json.loads(stdout) if code == 0 else err
     assert code == 0 and len(hits) == 10 and any(h['score'] != h['shortlist_score'] for h in hits), hits   # re-ranked
@@ -448,7 +448,7 @@ def test_a_first_build_interrupted_after_saving_its_model_continues(world, tmp_p
 
 # 18. Token shapes are the model's: a manifest (and segments) crafted with another token count is one line.
 def test_token_shapes_other_than_the_models_are_refused(world, idx, capsys):
-    from laps.guards import sha256_file
+    from laps.core.guards import sha256_file
     T, C = json.loads((idx / 'index.json').read_text())['model']['image_tokens']
     seg = idx / 'images' / 'seg-0000'
     meta = json.loads((seg / 'meta.json').read_text())
@@ -468,10 +468,10 @@ def test_token_shapes_other_than_the_models_are_refused(world, idx, capsys):
 # current folder happens to hold, is searched without --model; an index saved before keeps the old rule.
 def test_the_index_carries_its_tokenizer(world, tmp_path, capsys, monkeypatch):
     from index_world import _tiny_model
-    from laps.checkpoint import save_checkpoint
-    from laps.data import load_tokenizer
-    from laps.guards import write_checksums
-    from laps.pretrained import PRETRAINED_FILES
+    from laps.checkpoint.run import save_checkpoint
+    from laps.data.loaders import load_tokenizer
+    from laps.core.guards import write_checksums
+    from laps.model.pretrained import PRETRAINED_FILES
     local = tmp_path / 'bert-local'; load_tokenizer('minilm').save_pretrained(str(local))
     gallery = _small_gallery(world, tmp_path / 'g')
     outs = {}
@@ -493,7 +493,7 @@ def test_the_index_carries_its_tokenizer(world, tmp_path, capsys, monkeypatch):
     (model_dir / 'added_tokens.json').write_text('{"evil": 0}')         # a tokenizer file nobody checksummed
     _refused(capsys, 'search', outs[local], 'a red circle', expect=(str(model_dir / 'added_tokens.json'), 'checksums.json'))
     (model_dir / 'added_tokens.json').unlink()
-    from laps.guards import sha256_file
+    from laps.core.guards import sha256_file
     tc = json.loads((model_dir / 'tokenizer_config.json').read_text())
     (model_dir / 'tokenizer_config.json').write_text(json.dumps(dict(tc, vocab_file=str(world['root'] / 'vocab.txt'))))
     sums = json.loads((model_dir / 'checksums.json').read_text())     # re-recorded too: checksums do not stop a forger

@@ -1,63 +1,100 @@
-"""The package's layering, checked on the exported sources: every module imports only modules of
-lower-numbered notebooks (the layers read bottom-up), and none imports another's private names."""
+"""The package's layering, checked on the exported sources. `laps.LAYERS` declares the subpackages bottom-up;
+a module imports only modules of packages below its own, or of its own package from a lower-numbered
+notebook (so there are no cycles), and never another module's private names."""
 import ast, re
 from pathlib import Path
 import pytest
+import laps
 
 LAPS = Path(__file__).resolve().parents[1] / 'laps'
-MODULES = sorted(p.stem for p in LAPS.glob('*.py') if p.stem not in ('__init__', '__main__', '_modidx'))
+PACKAGES = list(laps.LAYERS)
+
+
+def _modules() -> list[str]:
+    "Every exported module as 'package.module' (the subpackages' `__init__` files are empty)."
+    return sorted(f"{p.parent.name}.{p.stem}" for p in LAPS.glob('*/*.py') if p.stem != '__init__' or p.stat().st_size)
+
+
+MODULES = _modules()
+
+
+def _path(module: str) -> Path:
+    pkg, name = module.split('.')
+    return LAPS / pkg / f'{name}.py'
 
 
 def _notebook(module: str) -> str:
-    "The notebook a module is exported from, e.g. '47a_state_dicts'."
-    m = re.search(r'File to edit: \.\./nbs/([\w]+)\.ipynb', (LAPS / f'{module}.py').read_text())
-    assert m, f"laps/{module}.py has no nbdev header naming its notebook"
+    "The notebook a module is exported from, e.g. '18_model.state_dicts'."
+    m = re.search(r'File to edit: (?:\.\./)+nbs/([\w.]+)\.ipynb', _path(module).read_text())
+    assert m, f"laps/{module.replace('.', '/')}.py has no nbdev header naming its notebook"
     return m[1]
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    "The 'package.module' names an import statement of `module` reaches (empty for imports from outside laps)."
+    pkg = module.split('.')[0]
+    if node.level == 1: target = f"{pkg}.{node.module}" if node.module else pkg
+    elif node.level == 2: target = node.module or ''
+    elif node.level == 0 and (node.module or '').startswith('laps.'): target = node.module[len('laps.'):]
+    else: return []
+    if target.count('.') == 1: return [target]
+    return [f"{target}.{a.name}" for a in node.names]                  # `from ..core import config`
 
 
 def _imports(module: str) -> list[tuple[str, list[str], int]]:
     "(imported laps module, imported names, line) for every import of a laps module, top level or inside functions."
     out = []
-    for node in ast.walk(ast.parse((LAPS / f'{module}.py').read_text())):
+    for node in ast.walk(ast.parse(_path(module).read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module: out.append((node.module.split('.')[0], [a.name for a in node.names], node.lineno))
-            elif node.level == 0 and (node.module or '').startswith('laps.'):
-                out.append((node.module.split('.')[1], [a.name for a in node.names], node.lineno))
-            elif node.level == 0 and node.module == 'laps':
-                out += [(a.name, [], node.lineno) for a in node.names if a.name in MODULES]
+            out += [(t, [a.name for a in node.names], node.lineno) for t in _resolve(module, node)]
         elif isinstance(node, ast.Import):
-            out += [(a.name.split('.')[1], [], node.lineno) for a in node.names if a.name.startswith('laps.')]
+            out += [('.'.join(a.name.split('.')[1:3]), [], node.lineno) for a in node.names if a.name.startswith('laps.')]
     return out
 
 
-def _rank(notebook: str) -> tuple:
-    "Notebook order: '47' < '47a' < '47b' < '48'."
-    m = re.match(r'(\d+)([a-z]?)_', notebook)
-    return int(m[1]), m[2]
+def _rank(module: str) -> tuple:
+    "Layer order: the package's place in `laps.LAYERS`, then the notebook number within it ('16' < '16a' < '17')."
+    pkg = module.split('.')[0]
+    assert pkg in PACKAGES, f"laps/{pkg}/ is not declared in laps.LAYERS (nbs/99_api.ipynb)"
+    m = re.match(r'(\d+)([a-z]?)_', _notebook(module))
+    return PACKAGES.index(pkg), int(m[1]), m[2]
 
 
-def test_every_module_has_a_numbered_notebook():
-    assert len(MODULES) > 20
-    for m in MODULES: assert re.match(r'\d+[a-z]?_', _notebook(m)), m
+def test_every_package_is_declared_and_every_module_has_a_numbered_notebook():
+    assert len(MODULES) > 40
+    assert sorted(p.name for p in LAPS.iterdir() if p.is_dir() and (p / '__init__.py').exists()) == sorted(PACKAGES)
+    for m in MODULES:
+        nb = _notebook(m)
+        assert re.match(rf"\d+[a-z]?_{re.escape(m.split('.')[0])}\b", nb), f"{m} is exported from {nb}: not its package's notebook"
+    ranks = [_rank(m)[1:] for m in sorted(MODULES, key=_rank)]
+    assert ranks == sorted(ranks), "notebook numbers must follow the order of the packages in laps.LAYERS"
 
 
 @pytest.mark.parametrize('module', MODULES)
 def test_imports_only_lower_layers_and_no_private_names(module):
-    mine = _rank(_notebook(module))
+    mine = _rank(module)
     for dep, names, line in _imports(module):
-        assert dep in MODULES, f"laps/{module}.py:{line} imports unknown laps module {dep!r}"
-        assert _rank(_notebook(dep)) < mine, \
-            f"laps/{module}.py:{line} imports laps.{dep} ({_notebook(dep)}), a layer above {_notebook(module)}"
+        assert dep in MODULES, f"laps/{module}:{line} imports unknown laps module {dep!r}"
+        assert _rank(dep) < mine, f"laps/{module}:{line} imports laps.{dep} ({_notebook(dep)}), a layer above {_notebook(module)}"
         private = [n for n in names if n.startswith('_')]
-        assert not private, f"laps/{module}.py:{line} imports private name(s) {private} from laps.{dep}"
+        assert not private, f"laps/{module}:{line} imports private name(s) {private} from laps.{dep}"
 
 
 def test_the_checks_catch_a_violation(tmp_path, monkeypatch):
-    "The two checks above fail on a module that imports upwards or a private name."
-    monkeypatch.setattr(__import__(__name__), 'LAPS', tmp_path)
-    (tmp_path / 'low.py').write_text("# AUTOGENERATED! File to edit: ../nbs/10_low.ipynb.\nfrom .high import _x\n")
-    (tmp_path / 'high.py').write_text("# AUTOGENERATED! File to edit: ../nbs/20_high.ipynb.\nx = 1\n")
-    monkeypatch.setattr(__import__(__name__), 'MODULES', ['high', 'low'])
-    with pytest.raises(AssertionError, match='a layer above'): test_imports_only_lower_layers_and_no_private_names('low')
-    (tmp_path / 'low.py').write_text("# AUTOGENERATED! File to edit: ../nbs/30_low.ipynb.\nfrom .high import _x\n")
-    with pytest.raises(AssertionError, match='private name'): test_imports_only_lower_layers_and_no_private_names('low')
+    "The checks above fail on a module that imports from a higher package, a later notebook, or a private name."
+    me = __import__(__name__)
+    for pkg in ('core', 'model'): (tmp_path / pkg).mkdir(); (tmp_path / pkg / '__init__.py').write_text('')
+    monkeypatch.setattr(me, 'LAPS', tmp_path)
+    monkeypatch.setattr(me, 'PACKAGES', ['core', 'model'])
+    monkeypatch.setattr(me, 'MODULES', ['core.low', 'core.mid', 'model.high'])
+    (tmp_path / 'model' / 'high.py').write_text("# AUTOGENERATED! File to edit: ../../nbs/10_model.high.ipynb.\nx = 1\n")
+    (tmp_path / 'core' / 'mid.py').write_text("# AUTOGENERATED! File to edit: ../../nbs/02_core.mid.ipynb.\ny = 1\n")
+    low = tmp_path / 'core' / 'low.py'
+    low.write_text("# AUTOGENERATED! File to edit: ../../nbs/01_core.low.ipynb.\nfrom ..model.high import x\n")
+    with pytest.raises(AssertionError, match='a layer above'): test_imports_only_lower_layers_and_no_private_names('core.low')
+    low.write_text("# AUTOGENERATED! File to edit: ../../nbs/01_core.low.ipynb.\ndef f():\n    from laps.core.mid import y\n")
+    with pytest.raises(AssertionError, match='a layer above'): test_imports_only_lower_layers_and_no_private_names('core.low')
+    low.write_text("# AUTOGENERATED! File to edit: ../../nbs/03_core.low.ipynb.\nfrom .mid import _y\n")
+    with pytest.raises(AssertionError, match='private name'): test_imports_only_lower_layers_and_no_private_names('core.low')
+    low.write_text("# AUTOGENERATED! File to edit: ../../nbs/03_core.low.ipynb.\nfrom .mid import y\n")
+    test_imports_only_lower_layers_and_no_private_names('core.low')        # a lower notebook of the same package is fine

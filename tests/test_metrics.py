@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from laps.metrics import (METRIC_KEYS, retrieval_ranks, retrieval_ranks_naive, retrieval_metrics,
+from laps.eval.metrics import (METRIC_KEYS, retrieval_ranks, retrieval_ranks_naive, retrieval_metrics,
                           retrieval_metrics_naive, evaluate_sims, format_metrics, save_sims, load_sims, ensemble_sims)
 
 
@@ -122,8 +122,8 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_protocol_comes_from_the_dataset_spec():
-    from laps.datasets import DatasetSpec, EvalProtocol, register_dataset
-    from laps.registry import DATASETS
+    from laps.data.datasets import DatasetSpec, EvalProtocol, register_dataset
+    from laps.core.registry import DATASETS
     rng = np.random.default_rng(11)
     s = rng.standard_normal((6, 18))                                              # 3 captions per image
     register_dataset(DatasetSpec('mine3', captions_per_image=3))

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from laps.data import CaptionSplit
-from laps.datasets import DatasetSpec, register_dataset
-from laps.registry import DATASETS
-from laps.minimal_pairs import (CHANCE, SCORES, bow_pair_blocks, format_minimal_pairs, load_minimal_pairs,
+from laps.data.loaders import CaptionSplit
+from laps.data.datasets import DatasetSpec, register_dataset
+from laps.core.registry import DATASETS
+from laps.eval.minimal_pairs import (CHANCE, SCORES, bow_pair_blocks, format_minimal_pairs, load_minimal_pairs,
                                 minimal_pair_accuracy, minimal_pair_report, minimal_pair_summary, pair_blocks,
                                 pair_outcomes, probe_split)
 
@@ -90,7 +90,7 @@ def test_bow_oracle_on_aligned_captions():
 def probe_data(tmp_path_factory):
     """A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes),
     and as dataset `ownpairs`, which declares no probe splits (its splits' own pairs files are scored)."""
-    from laps.synthetic import generate_synthetic
+    from laps.data.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('probe')
     generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16, dev_probe_pairs=1, test_probe_pairs=1)
     shutil.copytree(root / 'synthetic', root / 'probetoy')
@@ -107,8 +107,8 @@ def probe_data(tmp_path_factory):
 
 def _tiny_model_cfg(root, dataset):
     from transformers import BertConfig, ViTConfig
-    from laps.config import get_config
-    from laps.model import LAPSModel
+    from laps.core.config import get_config
+    from laps.model.modeling import LAPSModel
     cfg = get_config(None, dataset=dataset, data_path=str(root), img_res=32, num_patches=16, embed_size=16, batch_size=7,
                      workers=0, max_word=32, device='cpu', bert_path='minilm', vision_pretrained=False,
                      text_pretrained=False, shard_size=13)
@@ -119,8 +119,8 @@ def _tiny_model_cfg(root, dataset):
 
 
 def test_probe_evaluation_equals_the_full_matrix(probe_data):
-    from laps.data import read_split
-    from laps.evaluation import evaluate_minimal_pairs, evaluate_split, minimal_pair_metrics
+    from laps.data.loaders import read_split
+    from laps.eval.evaluate import evaluate_minimal_pairs, evaluate_split, minimal_pair_metrics
     assert probe_split('probetoy', 'test') == 'test_probes' and probe_split('synthetic', 'test') == 'test_probes' and probe_split('f30k', 'test') is None
     model, cfg = _tiny_model_cfg(probe_data, 'probetoy')
     metrics, sims = evaluate_split(model, cfg, 'test', progress=False)   # the pairs come from the probe split
@@ -140,7 +140,7 @@ def test_probe_evaluation_equals_the_full_matrix(probe_data):
 
 
 def test_evaluation_json_keys(probe_data):
-    from laps.evaluation import evaluate_split
+    from laps.eval.evaluate import evaluate_split
     model, cfg = _tiny_model_cfg(probe_data, 'probetoy')
     metrics, _ = evaluate_split(model, cfg, 'test', progress=False)
     metrics = json.loads(json.dumps(metrics))                           # JSON-ready as it is
@@ -160,8 +160,8 @@ def test_evaluation_json_keys(probe_data):
 def test_validation_logs_the_probe_scores(probe_data, tmp_path):
     "One epoch of a tiny model: each validation logs mp_* of the dev probes; metrics_dev.json holds the report."
     from transformers import BertConfig, ViTConfig
-    from laps.config import get_config
-    from laps.runner import train
+    from laps.core.config import get_config
+    from laps.training.runner import train
     cfg = get_config(None, dataset='probetoy', data_path=str(probe_data), logger_name=str(tmp_path / 'run'), img_res=32,
                      num_patches=16, embed_size=16, batch_size=8, num_epochs=1, workers=0, max_word=32, device='cpu',
                      log_step=1, bert_path='minilm', vision_pretrained=False, text_pretrained=False, val_step=10**9)

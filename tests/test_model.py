@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 from laps import LapsConfig, LAPSModel, CrossNet, hinge_triplet_loss, ratio_loss
-from laps.registry import SIMILARITY_METHODS
+from laps.core.registry import SIMILARITY_METHODS
 import extra_similarity
 
 
@@ -148,7 +148,7 @@ def test_the_baselines_are_registered():
 @pytest.mark.parametrize('vision', ['tiny_vit', 'tiny_swin'])
 def test_baseline_save_load_from_pretrained_round_trip(method, vision, tiny_bert, tmp_path, request):
     "A baseline's state dict has no aggr_net / tok_select_net keys, and it loads back by every route."
-    from laps.state_dicts import describe_state_dict
+    from laps.model.state_dicts import describe_state_dict
     cfg = LapsConfig(embed_size=16, img_res=32, num_patches=16, similarity_calc_method=method, use_token_selection=1,
                      vit_type='vit' if vision == 'tiny_vit' else 'swin')
     model = LAPSModel(cfg, vision_backbone=request.getfixturevalue(vision), text_backbone=tiny_bert).eval()
@@ -172,7 +172,7 @@ def test_baseline_save_load_from_pretrained_round_trip(method, vision, tiny_bert
 
 def test_a_published_style_checkpoint_fits_a_baseline_config(tiny_vit, tiny_bert):
     "fit_legacy_keys_to_config drops aggr_net / tok_select_net / attn keys for a baseline, and keeps them otherwise."
-    from laps.legacy import fit_legacy_keys_to_config
+    from laps.checkpoint.released import fit_legacy_keys_to_config
     from laps import get_config
     improved = LAPSModel(get_config('improved', embed_size=16, img_res=32, num_patches=16),
                          vision_backbone=tiny_vit, text_backbone=tiny_bert)
@@ -189,7 +189,7 @@ def test_a_published_style_checkpoint_fits_a_baseline_config(tiny_vit, tiny_bert
 
 @pytest.mark.parametrize('method', BASELINES)
 def test_training_step_of_a_baseline_logs_a_zero_ratio_loss(method, tiny_vit, tiny_bert):
-    from laps.training import training_step, optimizer_for
+    from laps.training.step import training_step, optimizer_for
     cfg = LapsConfig(embed_size=16, img_res=32, num_patches=16, similarity_calc_method=method, ratio_weight=2.0)
     model = LAPSModel(cfg, vision_backbone=tiny_vit, text_backbone=tiny_bert)
     batch = dict(images=torch.randn(3, 3, 32, 32), input_ids=_ids(), img_ids=torch.arange(3))

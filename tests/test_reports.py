@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from transformers import ViTConfig, BertConfig
 from laps import reports as R
-from laps.atomic import atomic_file, write_bytes_atomic, write_json_atomic, write_text_atomic, atomic_folder
-from laps.provenance import git_commit, command_record
-from laps.report_runs import ABLATIONS, train_command, code_commit
-from laps.report_tables import save_figure
-from laps.runner import prepare_run_dir, train
-from laps.training_trace import training_trace
+from laps.core.atomic import atomic_file, write_bytes_atomic, write_json_atomic, write_text_atomic, atomic_folder
+from laps.core.provenance import git_commit, command_record
+from laps.reports.runs import ABLATIONS, train_command, code_commit
+from laps.reports.tables import save_figure
+from laps.training.runner import prepare_run_dir, train
+from laps.reports.training_trace import training_trace
 from laps.cli import main, build_parser, config_from_args
-from laps.config import get_config
+from laps.core.config import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,8 +158,8 @@ def test_git_commit_dirty_flag_and_command_record(tmp_path, monkeypatch):
 
 
 def test_trace_steps_are_the_runners_steps(tmp_path):
-    "n traced steps = the first n steps of `laps.runner.train` with the same configuration (same losses), across an epoch."
-    from laps.synthetic import generate_synthetic
+    "n traced steps = the first n steps of `laps.training.runner.train` with the same configuration (same losses), across an epoch."
+    from laps.data.synthetic import generate_synthetic
     generate_synthetic(tmp_path / 'synthetic', seed=0, n_train=8, n_dev=4, n_test=4, dev_probe_pairs=1, test_probe_pairs=1)
     vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
     bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522)

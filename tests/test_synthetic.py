@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from laps.config import get_config
-from laps.data import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders, caption_words, flip_token_map
-from laps.datasets import get_dataset
-from laps.synthetic import (generate_synthetic, plan_splits, synthetic_cli, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
+from laps.core.config import get_config
+from laps.data.loaders import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders, caption_words, flip_token_map
+from laps.data.datasets import get_dataset
+from laps.data.synthetic import (generate_synthetic, plan_splits, synthetic_cli, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
                             SIZES, PAIR_KINDS, SPLITS, TEMPLATES, GENERATOR_VERSION)
 
 SMALL = dict(n_train=28, n_dev=14, n_test=14, dev_probe_pairs=2, test_probe_pairs=3)   # 28 + 14 + 14 + 28 + 42 images
@@ -104,7 +104,7 @@ def test_reads_back_through_the_reader_ids_unique(small):
     assert set(json.loads((small / 'synthetic' / 'id_mapping.json').read_text())) == {str(i) for i in ids}
     assert read_split(small, 'synthetic', 'test').image_ids == list(range(42, 56))
     meta = json.loads((small / 'synthetic' / 'meta.json').read_text())
-    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.synthetic', 2, list(PAIR_KINDS))
+    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.data.synthetic', 2, list(PAIR_KINDS))
 
 
 def test_kind_table():
@@ -113,7 +113,7 @@ def test_kind_table():
     assert [k for k, v in PAIR_KINDS.items() if not v.bow_solvable] == ['colour_binding', 'size_binding', 'relation_swap']
     assert all(v.name == k and v.doc and callable(v.perturb) for k, v in PAIR_KINDS.items())
     assert get_dataset('synthetic').probe_splits == {'dev': 'dev_probes', 'test': 'test_probes'}
-    assert get_dataset('synthetic').folder_format == {'generator': 'laps.synthetic', 'version': GENERATOR_VERSION}
+    assert get_dataset('synthetic').folder_format == {'generator': 'laps.data.synthetic', 'version': GENERATOR_VERSION}
 
 
 @pytest.mark.parametrize('split', SPLITS)
@@ -274,7 +274,7 @@ def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
     assert synthetic_cli(args) == 0; capsys.readouterr()
     meta = json.loads((out / 'meta.json').read_text())
     (out / 'meta.json').write_text(json.dumps(dict(meta, version=1)))
-    advice = (f"{out} was made by laps.synthetic version 1; this laps reads version 2: "
+    advice = (f"{out} was made by laps.data.synthetic version 1; this laps reads version 2: "
               f"regenerate it with `laps data synthetic --out {out} --force`")
     with pytest.raises(ValueError) as e: read_split(tmp_path, 'synthetic', 'train')
     assert str(e.value) == advice
@@ -294,7 +294,7 @@ def test_train_with_a_version_1_folder_fails_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'laps', 'train', '--preset', 'cpu', '--data_path', str(tmp_path),
                         '--logger_name', str(tmp_path / 'run'), '--num_epochs', '1'], capture_output=True, text=True, timeout=300)
     lines = [l for l in r.stderr.strip().split('\n') if l]
-    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.synthetic version 1; this laps reads "
+    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.data.synthetic version 1; this laps reads "
                                                f"version 2: regenerate it with `laps data synthetic --out {out} --force`"), r.stderr
 
 
@@ -346,7 +346,7 @@ def test_pair_batches_without_the_pairs_file(small, tmp_path):
 
 
 def test_runner_uses_the_pair_sampler(small, tmp_path):
-    from laps.runner import prepare_training
+    from laps.training.runner import prepare_training
     cfg = get_config('cpu', data_path=str(small), batch_size=8, pair_batches=1, workers=0, eval=0,
                      logger_name=str(tmp_path / 'run'))
     tr = prepare_training(cfg)

@@ -2,7 +2,7 @@
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
-from laps.synthetic import generate_synthetic
+from laps.data.synthetic import generate_synthetic
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
