@@ -23,7 +23,9 @@ _API = {
     'laps.data.synthetic': ('generate_synthetic',),
     'laps.eval.minimal_pairs': ('minimal_pair_accuracy',),
     'laps.eval.two_stage': ('evaluate_split_two_stage',),
-    'laps.retrieval.index': ('Index', 'build_index', 'list_images', 'show_hits'),
+    'laps.retrieval.build': ('build_index', 'list_images'),
+    'laps.retrieval.search': ('Index',),
+    'laps.retrieval.grids': ('show_hits',),
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 

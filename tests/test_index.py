@@ -42,7 +42,8 @@ def test_search_scores_are_the_models_scores(world, tmp_path):
     "The re-ranked scores are the LAPS scores of the query against those images (up to the fp16 token store)."
     from laps.checkpoint.run import load_any_checkpoint
     from laps.data.loaders import load_image, eval_transform, load_tokenizer, encode_caption
-    from laps.retrieval.index import Index, build_index, list_images
+    from laps.retrieval.build import build_index, list_images
+    from laps.retrieval.search import Index
     model, cfg, _ = load_any_checkpoint(world['head'])
     build_index(model, cfg, tmp_path / 'idx', images=list_images(world['gallery']), source=world['head'], progress=False)
     hits = Index.open(tmp_path / 'idx').search('two small blue squares', k=5, rerank=9)
@@ -57,7 +58,7 @@ def test_search_scores_are_the_models_scores(world, tmp_path):
 
 
 def test_cli_defaults_are_the_librarys():
-    from laps.retrieval.index import DEFAULT_RERANK
+    from laps.retrieval.store import DEFAULT_RERANK
     from laps.eval.two_stage import DEFAULT_TOPK
     search, ev = _laps('search', '--help'), _laps('eval', '--help')
     assert f'default max(-k, {DEFAULT_RERANK}))' in ' '.join(search.stdout.split())
@@ -84,7 +85,7 @@ def test_bad_input_is_one_line(world, tmp_path):
 
 
 def test_append_adds_only_new_images(world, tmp_path):
-    from laps.retrieval.index import Index
+    from laps.retrieval.search import Index
     first, idx = tmp_path / 'first', tmp_path / 'idx'
     first.mkdir()
     for p in sorted(world['gallery'].glob('*.png'))[:3]: (first / p.name).write_bytes(p.read_bytes())
@@ -99,7 +100,7 @@ def test_append_adds_only_new_images(world, tmp_path):
 
 def test_an_interrupted_build_is_never_read_and_continues(world, tmp_path):
     "Kill `laps index` after its first committed batch: search refuses the folder; the same command finishes it."
-    from laps.retrieval.index import Index
+    from laps.retrieval.search import Index
     many = tmp_path / 'many'; many.mkdir()
     src = sorted((world['root'] / 'data' / 'synthetic' / 'images').glob('*.png'))
     for i in range(40): (many / f'{i:03d}.png').write_bytes(src[i % len(src)].read_bytes())
@@ -129,7 +130,7 @@ def test_an_interrupted_build_is_never_read_and_continues(world, tmp_path):
 
 
 def test_two_shards_answer_as_one_index(world, tmp_path):
-    from laps.retrieval.index import list_images
+    from laps.retrieval.build import list_images
     paths = list_images(world['gallery'])
     halves = [tmp_path / 'a', tmp_path / 'b']
     for half, part in zip(halves, (paths[:5], paths[5:])):

@@ -188,7 +188,7 @@ def test_huge_images_are_skipped_named_and_refused_as_a_query(world, tmp_path, c
 
 def test_an_interrupted_build_of_other_items_does_not_block_the_next_command(world, tmp_path, capsys):
     from laps.checkpoint.run import load_any_checkpoint
-    from laps.retrieval.index import build_index, list_images
+    from laps.retrieval.build import build_index, list_images
     model, cfg, _ = load_any_checkpoint(world['head'])
     out = tmp_path / 'idx'
     class Stop(Exception): pass
@@ -224,7 +224,8 @@ def test_names_and_captions_cannot_drive_the_terminal(world, tmp_path, capsys):
 
 # 8. Queries, re-rank depth, links and shards.
 def test_queries_rerank_links_and_shards_are_checked(world, idx, tmp_path, capsys):
-    from laps.retrieval.index import Index, list_images
+    from laps.retrieval.build import list_images
+    from laps.retrieval.search import Index
     _refused(capsys, 'search', idx, '', expect=('empty',))
     _refused(capsys, 'search', idx, '   ', expect=('empty',))
     _refused(capsys, 'search', idx, 'a' * 1001, expect=('1001 characters', 'at most 1000'))
@@ -333,7 +334,7 @@ def test_outputs_never_land_on_inputs(world, idx, tmp_path, capsys):
 
 # 13. A build writes only its own files inside the index, never through a link planted there (review of issue #21).
 def test_a_planted_faiss_temp_link_is_never_written_through(world, idx, tmp_path, capsys):
-    from laps.retrieval.index import commit_segments
+    from laps.retrieval.build import commit_segments
     victim = tmp_path / 'victim.bin'; victim.write_bytes(b'precious')
     planted = idx / 'images' / '.faiss-1.index.tmp'                   # the temp name the commit wrote through
     planted.symlink_to(victim)
@@ -362,7 +363,7 @@ def test_a_link_where_a_build_writes_is_refused(world, idx, tmp_path, capsys, na
 
 def test_a_planted_partial_segment_is_never_written_through(world, idx, tmp_path, capsys):
     "A `.partial` segment whose plan matches the append's would be continued in place: a link among its files is refused."
-    from laps.retrieval.index import list_images
+    from laps.retrieval.build import list_images
     more = _small_gallery(world, tmp_path / 'more', n=1)
     m = json.loads((idx / 'index.json').read_text())
     T, C = m['model']['image_tokens']
@@ -382,7 +383,8 @@ def test_a_planted_partial_segment_is_never_written_through(world, idx, tmp_path
 def test_a_rank_with_no_items_writes_an_empty_segment(world, tmp_path, capsys):
     from laps.checkpoint.run import load_any_checkpoint
     from laps.core.distributed import DistInfo
-    from laps.retrieval.index import Segment, SegmentWriter, build_index, list_images
+    from laps.retrieval.store import Segment, SegmentWriter
+    from laps.retrieval.build import build_index, list_images
     for kind in ('images', 'captions'):
         SegmentWriter(tmp_path / 'x' / kind, 'seg-0000-r1', dict(items=[], model='m', rank=1, world_size=2), (5, 4),
                       with_lens=kind == 'captions').finish()
@@ -414,7 +416,7 @@ def test_an_append_never_replaces_a_segment_the_manifest_names(world, idx, tmp_p
 
 # 16. More results than the default re-rank depth: the default re-ranks max(k, 100).
 def test_k_above_the_default_rerank_is_answered(idx, capsys):
-    from laps.retrieval.index import Index
+    from laps.retrieval.search import Index
     code, stdout, err = _run(capsys, 'search', idx, 'a red circle', '-k', 200, '--json')
     hits = json.loads(stdout) if code == 0 else err
     assert code == 0 and len(hits) == 10 and any(h['score'] != h['shortlist_score'] for h in hits), hits   # re-ranked

@@ -380,7 +380,7 @@ def cmd_index(args) -> int:
     if not args.wait >= 0: raise ValueError(f"--wait must be a number of seconds (0 or more), got {args.wait}")
     _check_device(args.device)
     from laps.checkpoint.run import load_any_checkpoint
-    from laps.retrieval.index import build_index, list_images, split_items
+    from laps.retrieval.build import build_index, list_images, split_items
     from laps.core.distributed import init_distributed, cleanup_distributed
     from laps.core.guards import is_inside
     images = list_images(args.images) if args.images else []
@@ -419,7 +419,7 @@ def cmd_search(args) -> int:
         raise ValueError('laps search needs a text QUERY, or --image PATH for image-to-text (not both)')
     from laps.core.guards import check_text
     if args.query is not None: check_text(args.query)
-    from laps.retrieval.index import Index, check_rerank
+    from laps.retrieval.search import Index, check_rerank
     check_rerank(args.k, args.rerank, ('-k', '--rerank'))
     _not_an_input(args.grid, '--grid', files=[args.image], folders=[args.index, *args.shards, args.model])
     index = Index.open(args.index, *args.shards, model=args.model, device=_check_device(args.device),
@@ -427,7 +427,7 @@ def cmd_search(args) -> int:
     hits = (index.search(args.query, args.k, args.rerank) if args.image is None
             else index.search_image(args.image, args.k, args.rerank))
     if args.grid:
-        from laps.retrieval.index import show_hits
+        from laps.retrieval.grids import show_hits
         show_hits(hits, printable(args.query or str(args.image))).savefig(args.grid, dpi=100)
     if args.json:                                                      # JSON escapes control characters: exact and safe
         print(json.dumps([{'rank': h.rank, 'score': h.score, 'shortlist_score': h.shortlist_score,

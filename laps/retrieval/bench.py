@@ -8,8 +8,9 @@ import argparse, json, os, resource, shutil, statistics, subprocess, sys, tempfi
 from pathlib import Path
 import numpy as np
 import torch
-from .index import (SegmentWriter, build_index, model_record, commit_segments, encode_caption_batch, Index, EXACT_MAX,
-                        DEFAULT_RERANK, Collection, read_manifest)
+from .store import SegmentWriter, model_record, EXACT_MAX, DEFAULT_RERANK, read_manifest
+from .build import build_index, commit_segments, encode_caption_batch
+from .search import Index, Collection
 from ..data.loaders import load_tokenizer, build_eval_loaders
 from ..eval.evaluate import encode_image_set
 
@@ -185,7 +186,7 @@ def index_bench_cli(argv: list[str]) -> int:
     for name in ('queries', 'k'):
         if getattr(a, name) < 1: print(f"laps bench --index: --{name} must be positive", file=sys.stderr); return 2
     if min(a.sizes) < 1: print("laps bench --index: --sizes must be positive", file=sys.stderr); return 2
-    from laps.retrieval.index import check_rerank
+    from laps.retrieval.search import check_rerank
     try: a.rerank = check_rerank(a.k, a.rerank, ('-k', '--rerank'))
     except ValueError as e: print(f"laps bench --index: {e}", file=sys.stderr); return 2
     res = run_index_bench(a.index, a.sizes, split=a.split, data_path=a.data_path, n_queries=a.queries, k=a.k,
@@ -198,7 +199,7 @@ def index_bench_cli(argv: list[str]) -> int:
 def open_cost(n: int, out, token_shape=(197, 512), faiss_kind: str = 'flat', sparse: bool = False, batch: int = 1000,
               seed: int = 0) -> dict:
     "Build an index of `n` random rows of `token_shape` in `out` and time opening it at each verification level (warm cache)."
-    from laps.retrieval.index import VERIFY_LEVELS
+    from laps.retrieval.store import VERIFY_LEVELS
     out, (T, C) = Path(out), token_shape
     if out.exists(): shutil.rmtree(out)
     record = dict(source=None, fingerprint='0' * 64, config={}, image_tokens=[T, C], caption_tokens=[T, C],
