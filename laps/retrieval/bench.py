@@ -4,7 +4,7 @@
 
 # %% ../../nbs/79_retrieval.bench.ipynb #b148a7d4
 from __future__ import annotations
-import argparse, json, os, resource, shutil, statistics, subprocess, sys, tempfile, time
+import json, os, resource, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from ..eval.evaluate import encode_image_set
 # %% auto #0
 __all__ = ['peak_rss_mb', 'rss_parts_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build',
            'measure_search', 'shortlist_recall', 'child_main', 'prepare_base', 'run_index_bench',
-           'format_index_bench_row', 'format_index_bench', 'index_bench_cli', 'open_cost']
+           'format_index_bench_row', 'format_index_bench', 'open_cost']
 
 # %% ../../nbs/79_retrieval.bench.ipynb #2d75e635
 def peak_rss_mb() -> float:
@@ -165,34 +165,6 @@ def format_index_bench(result: dict) -> str:
     head = (f"laps bench --index: {s['source']} ({s['base_images']} images of {s['split']}, noise {s['noise']}), "
             f"model {s['run']}, {s['queries']} text queries, k={s['k']}, re-rank {s['rerank']}, {s['threads']} threads")
     return '\n'.join([head] + [format_index_bench_row(r) for r in result['rows']])
-
-# %% ../../nbs/79_retrieval.bench.ipynb #61ee35d2
-def index_bench_cli(argv: list[str]) -> int:
-    "`laps bench --index RUN ...`: print the table (or one JSON object with --json)."
-    p = argparse.ArgumentParser(prog='laps bench --index', description='Build and search replicated galleries with laps.retrieval.index.')
-    p.add_argument('--index', required=True, metavar='RUN', help='trained model: run directory or checkpoint')
-    p.add_argument('--sizes', type=int, nargs='+', default=[10_000, 20_000, 50_000, 100_000], help='gallery sizes')
-    p.add_argument('--split', default='test', help="split whose images are replicated and whose captions are the queries")
-    p.add_argument('--data_path', default=None, help="override the model's data folder")
-    p.add_argument('--queries', type=int, default=200); p.add_argument('-k', type=int, default=10)
-    p.add_argument('--rerank', type=int, default=None, help='re-ranked candidates (default max(-k, 100))')
-    p.add_argument('--noise', type=float, default=0.1)
-    p.add_argument('--seed', type=int, default=0); p.add_argument('--threads', type=int, default=None)
-    p.add_argument('--work', default=None, help='folder for the indexes (default: a temporary one)')
-    p.add_argument('--keep', action='store_true', help='keep the built indexes'); p.add_argument('--json', action='store_true')
-    try: a = p.parse_args(argv)
-    except SystemExit as e: return int(e.code or 0)
-    for name in ('queries', 'k'):
-        if getattr(a, name) < 1: print(f"laps bench --index: --{name} must be positive", file=sys.stderr); return 2
-    if min(a.sizes) < 1: print("laps bench --index: --sizes must be positive", file=sys.stderr); return 2
-    from laps.retrieval.index import check_rerank
-    try: a.rerank = check_rerank(a.k, a.rerank, ('-k', '--rerank'))
-    except ValueError as e: print(f"laps bench --index: {e}", file=sys.stderr); return 2
-    res = run_index_bench(a.index, a.sizes, split=a.split, data_path=a.data_path, n_queries=a.queries, k=a.k,
-                          rerank=a.rerank, noise=a.noise, seed=a.seed, threads=a.threads, work=a.work, keep=a.keep,
-                          progress=not a.json)
-    print(json.dumps(res) if a.json else format_index_bench(res))
-    return 0
 
 # %% ../../nbs/79_retrieval.bench.ipynb #c2288627
 def open_cost(n: int, out, token_shape=(197, 512), faiss_kind: str = 'flat', sparse: bool = False, batch: int = 1000,
