@@ -6,7 +6,7 @@ import nbformat
 import numpy as np
 import pytest
 from transformers import ViTConfig, BertConfig
-from laps import reports as R
+from laps.reports import render as R
 from laps.core.atomic import atomic_file, write_bytes_atomic, write_json_atomic, write_text_atomic, atomic_folder
 from laps.core.provenance import git_commit, command_record
 from laps.reports.runs import ABLATIONS, train_command, code_commit
