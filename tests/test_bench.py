@@ -1,7 +1,8 @@
 """`laps bench` for the methods that do not slim: it runs, both engines agree, and the FLOP estimate is the method's."""
 import json
 import pytest
-from laps.eval.bench import run_bench, bench_cli
+from laps.eval.bench import run_bench
+from laps.cli import main
 from laps.core.config import get_config
 from laps.core.registry import SIMILARITY_METHODS
 
@@ -21,9 +22,10 @@ def test_bench_runs_a_baseline_at_cpu_preset_shapes(method):
 
 
 def test_bench_cli_similarity_choices_come_from_the_registry(capsys):
-    assert bench_cli(['--preset', 'cpu', '--similarity', 'global', '--images', '8', '--texts', '8', '--ref-texts', '2',
+    assert main(['bench', '--preset', 'cpu', '--similarity', 'global', '--images', '8', '--texts', '8', '--ref-texts', '2',
                       '--no-train', '--json']) == 0
     out = json.loads(capsys.readouterr().out)
     assert out['similarity'] == 'global' and out['flops_per_pair_fast'] == 2 * C       # one cosine per pair
-    assert bench_cli(['--similarity', 'nope']) == 2
+    with pytest.raises(SystemExit) as e: main(['bench', '--similarity', 'nope'])
+    assert e.value.code == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err

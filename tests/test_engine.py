@@ -323,8 +323,8 @@ def test_dense_is_max_over_every_image_token_and_word(T):
 
 @pytest.mark.slow
 def test_bench_quick_json(capsys):
-    from laps.eval.bench import bench_cli
-    assert bench_cli(['--quick', '--json']) == 0
+    from laps.cli import main
+    assert main(['bench', '--quick', '--json']) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ('eval_pairs_per_s_reference', 'eval_pairs_per_s_fast', 'eval_speedup', 'train_speedup'):
         assert key in out, key

@@ -14,6 +14,7 @@ from laps.reports.tables import save_figure
 from laps.training.runner import prepare_run_dir, train
 from laps.reports.training_trace import training_trace
 from laps.cli import main, build_parser, config_from_args
+from laps.cli.report import parse_report_args
 from laps.core.config import get_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def test_report_cli_rejects_bad_input(capsys):
 
 
 def test_report_cli_parses_values_like_papermill():
-    a = R.parse_report_args(['efficiency', '-p', 'train_aggr_ratios', '[0.2, 0.6]', '-p', 'retrain', 'True',
+    a = parse_report_args(['efficiency', '-p', 'train_aggr_ratios', '[0.2, 0.6]', '-p', 'retrain', 'True',
                              '-p', 'data_path', 'None', '-p', 'base', 'final', '-p', 'seeds', '[3, 4]', '--out_dir', '/tmp/r'])
     assert a.params == dict(train_aggr_ratios=[0.2, 0.6], retrain=True, data_path=None, base='final', seeds=[3, 4])
     assert a.out_dir == '/tmp/r' and not a.quick

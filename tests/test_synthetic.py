@@ -8,7 +8,8 @@ import torch
 from laps.core.config import get_config
 from laps.data.loaders import read_split, check_images, load_tokenizer, build_train_loader, build_eval_loaders, caption_words, flip_token_map
 from laps.data.datasets import get_dataset
-from laps.data.synthetic import (generate_synthetic, plan_splits, synthetic_cli, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
+from laps.cli import main
+from laps.data.synthetic import (generate_synthetic, plan_splits, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
                             SIZES, PAIR_KINDS, SPLITS, TEMPLATES, GENERATOR_VERSION)
 
 SMALL = dict(n_train=28, n_dev=14, n_test=14, dev_probe_pairs=2, test_probe_pairs=3)   # 28 + 14 + 14 + 28 + 42 images
@@ -250,20 +251,20 @@ def test_rendered_objects_where_the_metadata_says(small):
 def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
     out = tmp_path / 'synthetic'
     args = ['--out', str(out), '--n_train', '6', '--n_dev', '2', '--n_test', '4', '--dev_probe_pairs', '1', '--test_probe_pairs', '1']
-    assert synthetic_cli(args) == 0
+    assert main(['data', 'synthetic', *args]) == 0
     assert 'train 6 images / 30 captions / 3 minimal pairs' in capsys.readouterr().out
     before = tree_hash(out)
-    assert synthetic_cli(args) == 0
+    assert main(['data', 'synthetic', *args]) == 0
     assert 'nothing to do' in capsys.readouterr().out and tree_hash(out) == before
-    assert synthetic_cli(args + ['--seed', '3']) == 0
+    assert main(['data', 'synthetic', *args + ['--seed', '3']]) == 0
     assert tree_hash(out) != before and json.loads((out / 'meta.json').read_text())['seed'] == 3
-    assert synthetic_cli(['--out', str(out), '--n_test', '5']) == 2
+    assert main(['data', 'synthetic', '--out', str(out), '--n_test', '5']) == 2
     assert 'n_test must be an even number' in capsys.readouterr().err
-    assert synthetic_cli(['--out', str(out), '--n_train', '5']) == 2
-    assert synthetic_cli(['--out', str(out), '--test_probe_pairs', '0']) == 2
+    assert main(['data', 'synthetic', '--out', str(out), '--n_train', '5']) == 2
+    assert main(['data', 'synthetic', '--out', str(out), '--test_probe_pairs', '0']) == 2
     assert 'test_probe_pairs must be a positive number' in capsys.readouterr().err
     (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'notes.txt').write_text('keep')
-    assert synthetic_cli(['--out', str(tmp_path / 'mine')] + args[2:]) == 2
+    assert main(['data', 'synthetic', *['--out', str(tmp_path / 'mine')] + args[2:]]) == 2
     assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['mine', 'synthetic']   # no temporary folders left
 
@@ -271,7 +272,7 @@ def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
 def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
     out = tmp_path / 'synthetic'
     args = ['--out', str(out), '--n_train', '4', '--n_dev', '2', '--n_test', '2', '--dev_probe_pairs', '1', '--test_probe_pairs', '1']
-    assert synthetic_cli(args) == 0; capsys.readouterr()
+    assert main(['data', 'synthetic', *args]) == 0; capsys.readouterr()
     meta = json.loads((out / 'meta.json').read_text())
     (out / 'meta.json').write_text(json.dumps(dict(meta, version=1)))
     advice = (f"{out} was made by laps.data.synthetic version 1; this laps reads version 2: "
@@ -279,10 +280,10 @@ def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
     with pytest.raises(ValueError) as e: read_split(tmp_path, 'synthetic', 'train')
     assert str(e.value) == advice
     before = tree_hash(out)
-    assert synthetic_cli(args) == 2
+    assert main(['data', 'synthetic', *args]) == 2
     assert capsys.readouterr().err.strip() == f"laps data synthetic: error: {advice}"
     assert tree_hash(out) == before                                         # refused: nothing touched
-    assert synthetic_cli(args + ['--force']) == 0
+    assert main(['data', 'synthetic', *args + ['--force']]) == 0
     assert json.loads((out / 'meta.json').read_text())['version'] == 2 and read_split(tmp_path, 'synthetic', 'train').n_images == 4
 
 

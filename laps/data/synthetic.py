@@ -4,7 +4,7 @@
 
 # %% ../../nbs/42_data.synthetic.ipynb #b24c18ca
 from __future__ import annotations
-import argparse, json, os, re, shutil, sys, time
+import json, os, re, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -17,7 +17,7 @@ from .datasets import get_dataset, folder_format_problem
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'BACKGROUND', 'P_THREE', 'GENERATOR_VERSION', 'PAIR_KINDS', 'SYNONYMS',
            'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key', 'random_scene', 'PairKind',
            'perturb', 'make_partner', 'render_scene', 'object_phrase', 'fill_template', 'scene_captions',
-           'flip_caption', 'plan_splits', 'generate_synthetic', 'synthetic_cli']
+           'flip_caption', 'plan_splits', 'generate_synthetic']
 
 # %% ../../nbs/42_data.synthetic.ipynb #4900482d
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
@@ -321,30 +321,3 @@ def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500,
         shutil.rmtree(tmp, ignore_errors=True); raise
     summary['seconds'] = round(time.perf_counter() - t0, 2)
     return summary
-
-# %% ../../nbs/42_data.synthetic.ipynb #ed942999
-def synthetic_cli(argv: list[str] | None = None) -> int:
-    "`laps data synthetic ...`: generate the synthetic benchmark; returns the exit status."
-    ap = argparse.ArgumentParser(prog='laps data synthetic',
-                                 description='Generate the synthetic fine-grained image-caption benchmark.')
-    ap.add_argument('--out', default='data/synthetic', help='output folder (dataset name: synthetic)')
-    ap.add_argument('--seed', type=int, default=0)
-    ap.add_argument('--n_train', type=int, default=3500, help='training images, an even number (minimal pairs, 5 captions each)')
-    ap.add_argument('--n_dev', type=int, default=500, help='dev images, an even number (minimal pairs)')
-    ap.add_argument('--n_test', type=int, default=1000, help='test images, an even number (minimal pairs)')
-    ap.add_argument('--dev_probe_pairs', type=int, default=200, help='minimal pairs per kind in dev_probes')
-    ap.add_argument('--test_probe_pairs', type=int, default=500, help='minimal pairs per kind in test_probes')
-    ap.add_argument('--img_size', type=int, default=64, help='image side in pixels')
-    ap.add_argument('--force', action='store_true', help='regenerate even if --out holds the same set or an older version')
-    a = ap.parse_args(argv)
-    try:
-        s = generate_synthetic(a.out, a.seed, a.n_train, a.n_dev, a.n_test, a.img_size, a.force,
-                               dev_probe_pairs=a.dev_probe_pairs, test_probe_pairs=a.test_probe_pairs)
-    except (ValueError, FileExistsError) as e:
-        print(f"laps data synthetic: error: {e}", file=sys.stderr); return 2
-    if s['skipped']:
-        print(f"{s['out']} already holds this synthetic set (seed {a.seed}); nothing to do (--force regenerates)")
-        return 0
-    print(f"wrote {s['out']} in {s['seconds']:.1f} s (seed {a.seed}, {a.img_size} px): " + ', '.join(
-        f"{k} {s[k]['images']} images / {s[k]['captions']} captions / {s[k]['minimal_pairs']} minimal pairs" for k in SPLITS))
-    return 0

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/56_eval.bench.ipynb #11034e3a
 from __future__ import annotations
-import argparse, functools, json, logging, math, platform, random, resource, sys, time
+import functools, logging, math, platform, random, resource, time
 from pathlib import Path
 from typing import NamedTuple
 import torch
@@ -15,8 +15,7 @@ from ..model.encoders import adapter_for, backbone_config
 from ..model.engine import engine_flops, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
-__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'run_bench',
-           'bench_cli']
+__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'run_bench']
 
 # %% ../../nbs/56_eval.bench.ipynb #7c2fd89e
 DEFAULT_CAPTIONS = 'tests/fixtures/f30k/test_caps.txt'  # relative to the repository root: the real Flickr30K test captions
@@ -211,51 +210,3 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
                 f"grads {out['train_grad_max_abs_diff']:.2e}")
     out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
-
-# %% ../../nbs/56_eval.bench.ipynb #acd7dcde
-def bench_cli(argv: list[str] | None = None) -> int:
-    "`laps bench`: parse `argv`, run the benchmark, print a report (or one JSON object with --json)."
-    p = argparse.ArgumentParser(prog='laps bench', description='Reference loop vs batched engine: evaluation pairs/s, '
-                                'training forward+backward time, fraction of the FLOP bound.')
-    p.add_argument('--quick', action='store_true', help='small sizes, under a minute on a 2-core CPU')
-    p.add_argument('--json', action='store_true', help='print one JSON object')
-    p.add_argument('--captions', default=None, help=f'captions file for real lengths (default: {DEFAULT_CAPTIONS} '
-                   'relative to the repository root)')
-    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--bf16', action='store_true', help='also time the fast engine under bf16 autocast')
-    p.add_argument('--preset', default='paper', choices=sorted(PRESETS), help='model shapes and options')
-    p.add_argument('--similarity', default=None, choices=SIMILARITY_METHODS.names(),
-                   help="a registered similarity method, one of %(choices)s (default: the preset's)")
-    p.add_argument('--images', type=int, default=None, help='images in the evaluation matrix')
-    p.add_argument('--texts', type=int, default=None, help='captions in the evaluation matrix')
-    p.add_argument('--ref-texts', type=int, default=None, help='captions the reference is timed on (0: skip it)')
-    p.add_argument('--train-batch', type=int, default=128)
-    p.add_argument('--no-train', action='store_true', help='skip the training measurement')
-    p.add_argument('--memory-budget-mb', type=float, default=DEFAULT_MEMORY_BUDGET / 2**20,
-                   help='working memory of the fast engine per block, MiB')
-    p.add_argument('--clock', default='wall', choices=['wall', 'cpu'],
-                   help="wall clock, or CPU time of the single compute thread (needs --threads 1; for shared machines)")
-    try: a = p.parse_args(argv)
-    except SystemExit as e: return int(e.code or 0)                      # --help, or a usage error already printed
-    def fail(msg):
-        print(f"laps bench: {msg}", file=sys.stderr)
-        return 2
-    if a.device != 'cpu' and not a.device.startswith('cuda'): return fail(f"--device must be cpu or cuda[:N], got {a.device!r}")
-    for name in ('threads', 'images', 'texts', 'train_batch'):
-        v = getattr(a, name)
-        if v is not None and v < 1: return fail(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    if a.ref_texts is not None and a.ref_texts < 0: return fail(f"--ref-texts must be 0 or more, got {a.ref_texts}")
-    if a.memory_budget_mb <= 0: return fail(f"--memory-budget-mb must be positive, got {a.memory_budget_mb}")
-    try:
-        r = run_bench(quick=a.quick, captions=a.captions, threads=a.threads, device=a.device, seed=a.seed, bf16=a.bf16,
-                      preset=a.preset, similarity=a.similarity, n_images=a.images, n_texts=a.texts, ref_texts=a.ref_texts,
-                      train_batch=a.train_batch, train=not a.no_train, memory_budget=int(a.memory_budget_mb * 2**20),
-                      clock=a.clock,
-                      log=(lambda *x: print(*x, file=sys.stderr)) if a.json else print)
-    except ValueError as e: return fail(str(e))
-    if a.json: print(json.dumps(r))
-    else:
-        for note in r['notes']: print(f"[bench] note: {note}")
-    return 0

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/83_reports.render.ipynb #5b999454
 from __future__ import annotations
-import argparse, json, shlex, sys, time
+import json, shlex, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from ..core.atomic import write_text_atomic
@@ -12,8 +12,7 @@ from .tables import format_cell
 
 # %% auto #0
 __all__ = ['REPORTS', 'QUICK_DIRS', 'DEFAULT_OUT_DIR', 'ReportSpec', 'repo_root', 'parse_param_value', 'write_index',
-           'notebook_parameters', 'report_command', 'resolve_params', 'run_report', 'run_all', 'build_report_parser',
-           'parse_report_args', 'report_cli']
+           'notebook_parameters', 'report_command', 'resolve_params', 'run_report', 'run_all']
 
 # %% ../../nbs/83_reports.render.ipynb #4eb50f1b
 @dataclass(frozen=True)
@@ -170,40 +169,3 @@ def run_all(params: dict | None = None, quick: bool = False, out_dir=None, root=
              for n in REPORTS]
     write_index(paths[0].parent)
     return paths
-
-# %% ../../nbs/83_reports.render.ipynb #87154ef7
-def build_report_parser() -> argparse.ArgumentParser:
-    "The argument parser of `laps report`."
-    ap = argparse.ArgumentParser(prog='laps report', description='Regenerate report notebooks under reports/ with papermill.')
-    ap.add_argument('name', nargs='?', help=f"report to run: {', '.join(REPORTS)}")
-    ap.add_argument('-p', '--parameter', nargs=2, action='append', default=[], metavar=('KEY', 'VALUE'),
-                    help='notebook parameter (value parsed as True/False/None, JSON, else a string)')
-    ap.add_argument('--quick', action='store_true', help='tiny parameters and separate folders (reports-quick/, CI)')
-    ap.add_argument('--all', action='store_true', help='run every report in order')
-    ap.add_argument('--out_dir', default=None, help='where executed notebooks and outputs go (default: reports/, quick: reports-quick/)')
-    ap.add_argument('--list', action='store_true', help='list the reports and their parameters')
-    ap.add_argument('--log_output', action='store_true', help="stream the notebooks' output to the terminal")
-    return ap
-
-def parse_report_args(argv: list[str]) -> argparse.Namespace:
-    "Parse `laps report` arguments; `params` holds the parsed -p values."
-    ap = build_report_parser()
-    a = ap.parse_args(argv)
-    if sum([bool(a.name), a.all, a.list]) != 1: ap.error('give one report NAME, --all or --list')
-    if a.name and a.name not in REPORTS: ap.error(f"unknown report {a.name!r}; choose one of {', '.join(REPORTS)}")
-    a.params = {k: parse_param_value(v) for k, v in a.parameter}
-    return a
-
-def report_cli(argv: list[str] | None = None) -> int:
-    "`laps report ...`: returns the exit status."
-    a = parse_report_args(sys.argv[1:] if argv is None else list(argv))
-    if a.list:
-        for n, s in REPORTS.items():
-            print(f"{n}: {s.title}\n  " + '\n  '.join(f"{k} = {v}" for k, v in notebook_parameters(n).items()))
-        return 0
-    try:
-        if a.all: run_all(a.params, a.quick, a.out_dir, log_output=a.log_output)
-        else: run_report(a.name, a.params, a.quick, a.out_dir, log_output=a.log_output)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"laps report: error: {e}", file=sys.stderr); return 2
-    return 0
