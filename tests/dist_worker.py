@@ -9,8 +9,8 @@ import json, sys
 from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
-from transformers import ViTConfig, BertConfig
 from laps.core.config import LapsConfig
+from laps.model.encoders import backbone_config
 from laps.model.modeling import LAPSModel
 from laps.data.loaders import collate
 from laps.core.distributed import init_distributed, cleanup_distributed, barrier, wrap_ddp, is_distributed
@@ -29,10 +29,8 @@ CONFIGS = {'paper': LapsConfig(**TINY),
 def tiny_model(cfg: LapsConfig) -> LAPSModel:
     "The same tiny model on every rank and in the reference (seeded; dropout off so the forward is deterministic)."
     torch.manual_seed(0)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
-                    patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=60,
-                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    vit, bert = backbone_config('laps/tiny-vit'), backbone_config('laps/tiny-bert')
+    for config in (vit, bert): config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     return LAPSModel(cfg, vit, bert)
 
 

@@ -1,10 +1,10 @@
 """What the index tests share: the `laps` command in a subprocess and in this process, the one-error-line check, and
-`make_world` (synthetic data, a gallery with a corrupt file, two tiny saved models: with a global head, and another one)."""
+`make_world` (the shared synthetic data, a gallery with a corrupt file, two tiny saved models: with a global head, and
+another one)."""
 import json, os, subprocess, sys
 from pathlib import Path
 import torch
 from PIL import Image
-from transformers import BertConfig, ViTConfig
 from laps.checkpoint.run import save_checkpoint
 from laps.core.config import LapsConfig
 from laps.model.modeling import LAPSModel
@@ -31,25 +31,20 @@ def _tiny_model(seed, glob_loss_weight, data_path, bert_path='minilm'):
                      bert_path=str(bert_path), vision_pretrained=False, text_pretrained=False, workers=0, max_word=32,
                      similarity_calc_method='attn', use_token_selection=1, token_selection_ratio=0.8,
                      glob_loss_weight=glob_loss_weight)
-    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    return LAPSModel(cfg, vit, text), cfg
+    return LAPSModel(cfg, 'laps/tiny-vit', 'laps/tiny-bert'), cfg
 
 
-def make_world(root: Path) -> dict:
-    "Synthetic data, a gallery folder (with a corrupt file), and two tiny models: with a global head, and another one."
-    from laps.data.synthetic import generate_synthetic
-    generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12, dev_probe_pairs=1,
-                       test_probe_pairs=1)
+def make_world(root: Path, data: Path) -> dict:
+    "In `root`: a gallery folder (with a corrupt file) of images of `data` (the shared synthetic data root), and two tiny models of it: with a global head, and another one."
     gallery = root / 'gallery'
     (gallery / 'sub').mkdir(parents=True)
-    imgs = sorted((root / 'data' / 'synthetic' / 'images').glob('*.png'))[:10]
+    imgs = sorted((data / 'synthetic' / 'images').glob('*.png'))[:10]
     for i, p in enumerate(imgs): Image.open(p).save(gallery / ('sub' if i % 3 == 0 else '') / p.name)
     (gallery / 'corrupt.jpg').write_bytes(b'\xff\xd8 not really a jpeg')
     runs = {}
     for name, seed, w in (('head', 0, 0.5), ('other', 1, 0.0)):
-        model, cfg = _tiny_model(seed, w, root / 'data')
+        model, cfg = _tiny_model(seed, w, data)
         runs[name] = root / name
         save_checkpoint(runs[name] / 'checkpoint_best', model, cfg, save_rng=False)
         (runs[name] / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train']}) + '\n')
-    return dict(root=root, gallery=gallery, n_images=len(imgs), **runs)
+    return dict(root=root, data=data, gallery=gallery, n_images=len(imgs), **runs)

@@ -3,17 +3,17 @@ optimizer groups by module membership. Tiny configs, no downloads."""
 import pytest
 import torch
 from torch import nn
-from transformers import (AutoConfig, BertConfig, DeiTConfig, RobertaConfig, SwinConfig, ViTConfig)
+from transformers import (AutoConfig, BertConfig, DeiTConfig, RobertaConfig, SwinConfig)
 from laps import LapsConfig, LAPSModel, CrossNet
 from laps.core.config import default_vision_backbone
 from laps.data.loaders import collate, load_tokenizer
-from laps.model.encoders import (adapter_for, build_backbone, has_cls_token, num_spatial_patches, pad_token_id,
+from laps.model.encoders import (adapter_for, backbone_config, build_backbone, has_cls_token, num_spatial_patches, pad_token_id,
                            vision_families, ImageEncoder, TextEncoder)
 from laps.model.modeling import keep_text_layers, frozen_text_modules
 from laps.core.registry import BACKBONES
 from laps.training.step import build_optimizer
 
-TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+TINY = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)   # laps/tiny-vit's, as a DeiT
 
 
 def tiny_deit(image_size=224, patch_size=16):
@@ -36,9 +36,9 @@ def test_registry_holds_the_five_families():
 
 
 @pytest.mark.parametrize('config,prefix,res', [
-    (ViTConfig(**TINY, image_size=32, patch_size=8), 1, 32),
-    (ViTConfig(**TINY, image_size=32, patch_size=8), 1, 48),      # off its native size: positions interpolated
-    (SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4), 0, 32),
+    (backbone_config('laps/tiny-vit'), 1, 32),
+    (backbone_config('laps/tiny-vit'), 1, 48),      # off its native size: positions interpolated
+    (backbone_config('laps/tiny-swin'), 0, 32),
     (SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4), 0, 64),
     (tiny_deit(32, 8), 2, 32)])
 def test_adapter_counts_the_tokens_the_backbone_produces(config, prefix, res):
@@ -52,7 +52,7 @@ def test_adapter_counts_the_tokens_the_backbone_produces(config, prefix, res):
 
 
 def test_swin_grid_is_after_patch_merging():
-    swin_b = SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7)
+    swin_b = backbone_config('microsoft/swin-base-patch4-window7-224')
     a = adapter_for(swin_b)
     assert (a.patch_grid(swin_b, 224), a.num_patches(swin_b, 224), a.hidden_size(swin_b)) == ((7, 7), 49, 1024)
 
@@ -92,7 +92,7 @@ def test_deit_at_224_has_196_patches_behind_two_prefix_tokens():
 def test_roberta_pads_with_one_and_keeps_its_s_token():
     text = build_backbone(tiny_text('roberta', 1))
     cfg = LapsConfig(embed_size=16, img_res=32, num_patches=16)
-    model = LAPSModel(cfg, ViTConfig(**TINY, image_size=32, patch_size=8), text).eval()
+    model = LAPSModel(cfg, backbone_config('laps/tiny-vit'), text).eval()
     assert model.txt_enc.pad_token_id == 1 and pad_token_id(text.config) == 1
     ids = torch.tensor([[0, 7, 9, 11, 2], [0, 5, 2, 1, 1]])  # <s> ... </s> <pad>; <s> is 0
     with torch.no_grad():
@@ -116,7 +116,7 @@ def test_collate_pads_with_the_tokenizers_id():
 
 @pytest.mark.parametrize('family', ['bert', 'roberta'])
 def test_freezing_and_truncation_use_the_adapters_layers(family):
-    vit = ViTConfig(**TINY, image_size=32, patch_size=8)
+    vit = backbone_config('laps/tiny-vit')
     cfg = LapsConfig(embed_size=16, img_res=32, num_patches=16)
     ids = torch.tensor([[2, 7, 9, 3], [2, 5, 3, 4]])
     frozen = LAPSModel(cfg.replace(freeze_text_layers=2), vit, tiny_text(family)).train()
@@ -164,8 +164,8 @@ def test_config_and_errors_name_the_registered_families():
                                          r'vit \(ViTConfig\), swin'):
         adapter_for(AutoConfig.for_model('gpt2'))
     with pytest.raises(ValueError, match='BertConfig is a text backbone: it has no patch grid'):
-        num_spatial_patches(BertConfig(), 224)
+        num_spatial_patches(backbone_config('laps/tiny-bert'), 224)
     with pytest.raises(ValueError, match='the text backbone is a ViTConfig, a vision backbone'):
-        TextEncoder(build_backbone(ViTConfig(**TINY, image_size=32, patch_size=8)), 16)
+        TextEncoder(build_backbone(backbone_config('laps/tiny-vit')), 16)
     from laps.cli import build_parser
     with pytest.raises(SystemExit): build_parser().parse_args(['train', '--vit_type', 'bert'])

@@ -230,7 +230,7 @@ def test_save_pretrained_replaces_a_stale_card_and_from_pretrained_checks_the_co
 def test_from_pretrained_path_errors(tiny_vit, tiny_bert, tmp_path, monkeypatch):
     _no_network(monkeypatch)
     (tmp_path / 'model_best.pth').write_bytes(b'x')
-    with pytest.raises(CheckpointError, match=r'model_best\.pth: a file, not a save_pretrained folder .*laps\.legacy'):
+    with pytest.raises(CheckpointError, match=r'model_best\.pth: a file, not a save_pretrained folder .*laps\.checkpoint\.released'):
         LAPSModel.from_pretrained(tmp_path / 'model_best.pth')
     with pytest.raises(FileNotFoundError, match=r'checkpoint folder .*runs/typo does not exist'):
         (tmp_path / 'runs').mkdir(); LAPSModel.from_pretrained(tmp_path / 'runs' / 'typo')

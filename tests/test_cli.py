@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import BertConfig, SwinConfig, ViTConfig
 import laps
 from laps.checkpoint.run import save_checkpoint
 from laps.core.config import LapsConfig
@@ -155,14 +154,11 @@ def released_layout(tmp_path_factory):
     (f30k / 'test_caps.txt').write_text('\n'.join(caps) + '\n')
     (f30k / 'test_ids.txt').write_text('\n'.join(ids) + '\n')
     (f30k / 'id_mapping.json').write_text(json.dumps(mapping))
-    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    swin = SwinConfig(image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4)
-    for kind, vision, folder in (('vit', vit, 'runs/f30k_vit/checkpoint_best'), ('swin', swin, 'runs/f30k_swin')):
+    for kind, folder in (('vit', 'runs/f30k_vit/checkpoint_best'), ('swin', 'runs/f30k_swin')):
         torch.manual_seed(0)
         cfg = LapsConfig(dataset='f30k', data_path='/elsewhere/data', vit_type=kind, img_res=32, num_patches=16,
                          embed_size=16, bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0)
-        save_checkpoint(root / folder, LAPSModel(cfg, vision, text), save_rng=False)
+        save_checkpoint(root / folder, LAPSModel(cfg, f'laps/tiny-{kind}', 'laps/tiny-bert'), save_rng=False)
     return root
 
 
@@ -224,30 +220,26 @@ def _assert_metrics(got: dict, expected: dict):
 
 
 @pytest.fixture(scope='module')
-def synthetic_run(tmp_path_factory):
-    "A tiny synthetic folder (its test split is scored with the test probes, one pair per kind) and a run folder holding a tiny untrained model."
-    from laps.data.synthetic import generate_synthetic
+def synthetic_run(tmp_path_factory, synthetic_data):
+    "A run folder holding a tiny untrained model of the shared synthetic data (its test split is scored with the test probes, one pair per kind)."
     root = tmp_path_factory.mktemp('synthetic_run')
-    generate_synthetic(root / 'data' / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=12, dev_probe_pairs=1, test_probe_pairs=1)
-    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
     torch.manual_seed(0)
-    cfg = LapsConfig(dataset='synthetic', data_path=str(root / 'data'), img_res=32, num_patches=16, embed_size=16,
+    cfg = LapsConfig(dataset='synthetic', data_path=str(synthetic_data), img_res=32, num_patches=16, embed_size=16,
                      bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0, max_word=32)
     run = root / 'run'
-    save_checkpoint(run / 'checkpoint_best', LAPSModel(cfg, vit, text), cfg, save_rng=False)
+    save_checkpoint(run / 'checkpoint_best', LAPSModel(cfg, 'laps/tiny-vit', 'laps/tiny-bert'), cfg, save_rng=False)
     (run / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train']}) + '\n')   # a run directory
     return run
 
 
-def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run):
+def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run, synthetic_data):
     from laps.eval.minimal_pairs import SCORES, format_minimal_pairs
     out = _laps('eval', synthetic_run, '--split', 'test', '--json')
     assert out.returncode == 0, out.stderr[-3000:]
     m = json.loads(out.stdout)
     assert m['rsum_ci95'][0] <= m['rsum'] <= m['rsum_ci95'][1] and 'i2t_r1_ci95' in m
     mp = m['minimal_pairs']
-    probes = json.loads((synthetic_run.parent / 'data' / 'synthetic' / 'test_probes_minimal_pairs.json').read_text())
+    probes = json.loads((synthetic_data / 'synthetic' / 'test_probes_minimal_pairs.json').read_text())
     kinds = sorted({p['kind'] for p in probes})
     assert (mp['split'], sorted(mp['kinds']), mp['overall']['n_pairs']) == ('test_probes', kinds, len(probes))
     assert len(kinds) == 7 and len(probes) == 7                                  # every kind of the generator, one pair each

@@ -411,7 +411,6 @@ def test_user_dataset_reads_and_loads(mine, tok):
 
 def test_user_dataset_trains_and_evaluates(mine):
     "One epoch through the runner with a tiny model, then the best checkpoint evaluated on test (about 2 s)."
-    from transformers import BertConfig, ViTConfig
     from laps.checkpoint.run import load_checkpoint
     from laps.eval.evaluate import evaluate_split
     from laps.eval.metrics import evaluate_sims, retrieval_metrics
@@ -420,9 +419,7 @@ def test_user_dataset_trains_and_evaluates(mine):
     cfg = get_config(None, dataset='mine', data_path=str(root), logger_name=str(root / 'run'), img_res=32, num_patches=16,
                      embed_size=16, batch_size=6, num_epochs=1, workers=0, max_word=12, device='cpu', log_step=1,
                      bert_path='minilm', vision_pretrained=False, text_pretrained=False, val_step=10**9, shard_size=64)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=30522)
-    result = train(cfg, progress=False, vision_backbone=vit, text_backbone=bert)
+    result = train(cfg, progress=False, vision_backbone='laps/tiny-vit', text_backbone='laps/tiny-bert')
     assert result['steps'] == 4 and result['best_metrics']['epoch'] == 0          # 24 captions / batch 6
     run = Path(result['run_dir'])
     assert json.loads((run / 'config.json').read_text())['dataset'] == 'mine'

@@ -6,36 +6,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig, ViTConfig
 from laps.checkpoint.run import save_checkpoint
 from laps.cli import main
 from laps.core.config import LapsConfig
 from laps.eval.metrics import evaluate_sims, load_sims, load_sims_metadata, save_sims
 from laps.model.modeling import LAPSModel
+from conftest import SYNTHETIC
 
 
 def _model(seed, data_path):
     torch.manual_seed(seed)
     cfg = LapsConfig(dataset='synthetic', data_path=str(data_path), img_res=32, num_patches=16, embed_size=16,
                      bert_path='minilm', vision_pretrained=False, text_pretrained=False, workers=0, max_word=32)
-    text = BertConfig(vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    return LAPSModel(cfg, vit, text), cfg
+    return LAPSModel(cfg, 'laps/tiny-vit', 'laps/tiny-bert'), cfg
 
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    "The run's own data, other data (another seed, another folder), and a run directory holding a tiny untrained model."
+def world(tmp_path_factory, synthetic_data):
+    "The run's own data (the shared folder), other data (another seed, another folder), and a run directory holding a tiny untrained model."
     from laps.data.synthetic import generate_synthetic
     root = tmp_path_factory.mktemp('provenance')
-    for name, seed in (('own', 0), ('other', 1)):
-        generate_synthetic(root / name / 'synthetic', seed=seed, n_train=4, n_dev=6, n_test=8, dev_probe_pairs=1,
-                           test_probe_pairs=1)
-    model, cfg = _model(0, root / 'own')
+    generate_synthetic(root / 'other' / 'synthetic', **{**SYNTHETIC, 'seed': 1})
+    model, cfg = _model(0, synthetic_data)
     template = root / 'template'
     save_checkpoint(template / 'checkpoint_best', model, cfg, save_rng=False)
     (template / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train'], 'resume': False}) + '\n')
-    return dict(root=root, own=root / 'own', other=root / 'other', template=template, cfg=cfg)
+    return dict(root=root, own=synthetic_data, other=root / 'other', template=template, cfg=cfg)
 
 
 @pytest.fixture
@@ -124,7 +120,7 @@ def test_no_stale_matrix_beside_fresh_metrics(world, run, tmp_path, capsys, monk
     _eval(capsys, monkeypatch, run, '--split', 'test', '--save_sims', run / 'sims_test.npy')
     old = load_sims(run / 'sims_test.npy')
     save_sims(run / 'legacy.npy', old, 'synthetic', 'test')                           # saved before fingerprints
-    save_sims(run / 'sims_dev.npy', np.zeros((6, 30), np.float32), 'synthetic', 'dev')   # another split: not this one's
+    save_sims(run / 'sims_dev.npy', np.zeros((10, 50), np.float32), 'synthetic', 'dev')  # another split: not this one's
     new_model, cfg = _model(1, world['own'])                                          # a new best checkpoint
     save_checkpoint(run / 'checkpoint_best', new_model, cfg, save_rng=False)
     out = _eval(capsys, monkeypatch, run, '--split', 'test', '--json', '--save_sims', tmp_path / 'new.npy')
@@ -138,7 +134,7 @@ def test_no_stale_matrix_beside_fresh_metrics(world, run, tmp_path, capsys, monk
     assert f"refreshed {run / 'sims_test.npy'}" in out.err
     np.testing.assert_array_equal(load_sims(run / 'legacy.npy'), old)                  # no model recorded: not ours to replace
     assert f"left {run / 'legacy.npy'} as it is" in out.err and 'saved before they were recorded' in out.err
-    np.testing.assert_array_equal(load_sims(run / 'sims_dev.npy'), np.zeros((6, 30), np.float32))
+    np.testing.assert_array_equal(load_sims(run / 'sims_dev.npy'), np.zeros((10, 50), np.float32))
     assert json.loads((run / 'metrics_test.json').read_text())['rsum'] == m['rsum']
 
 
@@ -155,7 +151,7 @@ def test_save_sims_never_overwrites_an_input(world, run, tmp_path, capsys, monke
         assert err.count('\n') == 1 and expect in err and '--save_sims' in err, err
     assert _files(run) == before and not (world['own'] / 'synthetic' / 'sims.npy').exists()
     member = tmp_path / 'a.npy'
-    save_sims(member, np.eye(8, 40, dtype=np.float32), 'synthetic', 'test')
+    save_sims(member, np.eye(12, 60, dtype=np.float32), 'synthetic', 'test')
     kept = member.read_bytes()
     assert main(['eval', '--ensemble', str(member), '--save_sims', str(member)]) == 2
     assert 'that is an input of this command' in capsys.readouterr().err and member.read_bytes() == kept

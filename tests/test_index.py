@@ -10,14 +10,14 @@ from index_world import ROOT, ENV, _laps, _one_error_line, make_world
 
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    "Synthetic data, a gallery folder (with a corrupt file), and two tiny models: with a global head, and another one."
-    return make_world(tmp_path_factory.mktemp('index'))
+def world(tmp_path_factory, synthetic_data):
+    "The shared synthetic data, a gallery folder (with a corrupt file), and two tiny models: with a global head, and another one."
+    return make_world(tmp_path_factory.mktemp('index'), synthetic_data)
 
 
 def test_index_then_search_both_ways(world, tmp_path):
     idx = tmp_path / 'idx'
-    out = _laps('index', world['head'], '--images', world['gallery'], '--captions', world['root'] / 'data' / 'synthetic' / 'test_caps.txt',
+    out = _laps('index', world['head'], '--images', world['gallery'], '--captions', world['data'] / 'synthetic' / 'test_caps.txt',
                 '--out', idx, '--no_progress')
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{idx}: {world['n_images']} images (1 skipped), FAISS flat" in out.stdout
@@ -102,7 +102,7 @@ def test_an_interrupted_build_is_never_read_and_continues(world, tmp_path):
     "Kill `laps index` after its first committed batch: search refuses the folder; the same command finishes it."
     from laps.retrieval.search import Index
     many = tmp_path / 'many'; many.mkdir()
-    src = sorted((world['root'] / 'data' / 'synthetic' / 'images').glob('*.png'))
+    src = sorted((world['data'] / 'synthetic' / 'images').glob('*.png'))
     for i in range(40): (many / f'{i:03d}.png').write_bytes(src[i % len(src)].read_bytes())
     idx = tmp_path / 'idx'
     cmd = [sys.executable, '-m', 'laps', 'index', str(world['head']), '--images', str(many), '--out', str(idx),
@@ -165,7 +165,13 @@ def test_index_bench_prints_one_row_per_size(world, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert [row['n'] for row in r['rows']] == [200, 400] and r['setup']['source'] == 'encoded tokens replicated with noise'
-    assert r['rows'][1]['disk_mb'] > r['rows'][0]['disk_mb'] and all(row['median_ms'] > 0 for row in r['rows'])
+    assert (r['setup']['base_images'], r['setup']['queries']) == (12, 4)           # the test split's images; the queries asked for
+    assert r['rows'][1]['disk_mb'] > r['rows'][0]['disk_mb']
+    for row in r['rows']:
+        assert row['queries'] == 4 and 0 <= row['shortlist_recall'] <= 1            # every query timed, once
+        for k in ('build_s', 'open_s', 'median_ms', 'p90_ms', 'shortlist_only_median_ms'):
+            assert 0 < row[k] < float('inf'), (k, row[k])                           # measured: finite, positive
+        assert row['median_ms'] <= row['p90_ms']                                    # of 4 latencies: median <= the 3rd
     assert not any((tmp_path / 'w').glob('index-*'))                   # removed unless --keep
 
 

@@ -12,8 +12,8 @@ from laps.core.guards import folder_lock
 
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    return make_world(tmp_path_factory.mktemp('safety'))
+def world(tmp_path_factory, synthetic_data):
+    return make_world(tmp_path_factory.mktemp('safety'), synthetic_data)
 
 
 def _quiet(*args) -> int:
@@ -25,7 +25,7 @@ def _quiet(*args) -> int:
 def built(world):
     "An index of the gallery (10 images, one corrupt file) and the test captions, built once; tests work on copies."
     base = world['root'] / 'base'
-    caps = world['root'] / 'data' / 'synthetic' / 'test_caps.txt'
+    caps = world['data'] / 'synthetic' / 'test_caps.txt'
     assert _quiet('index', world['head'], '--images', world['gallery'], '--captions', caps, '--out', base, '--no_progress') == 0
     return base
 
@@ -478,7 +478,7 @@ def test_the_index_carries_its_tokenizer(world, tmp_path, capsys, monkeypatch):
     gallery = _small_gallery(world, tmp_path / 'g')
     outs = {}
     for bert in (local, 'bert-base-uncased'):                          # an offline copy; a hub name
-        model, cfg = _tiny_model(0, 0.5, world['root'] / 'data', bert_path=bert)
+        model, cfg = _tiny_model(0, 0.5, world['data'], bert_path=bert)
         run = tmp_path / f'run-{len(outs)}'; save_checkpoint(run / 'checkpoint_best', model, cfg, save_rng=False)
         outs[bert] = out = tmp_path / f'idx-{len(outs)}'
         assert _run(capsys, 'index', run, '--images', gallery, '--out', out, '--no_progress')[0] == 0

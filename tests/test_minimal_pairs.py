@@ -87,18 +87,16 @@ def test_bow_oracle_on_aligned_captions():
 
 
 @pytest.fixture(scope='module')
-def probe_data(tmp_path_factory):
-    """A synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`, `test_probes` (the same scenes),
-    and as dataset `ownpairs`, which declares no probe splits (its splits' own pairs files are scored)."""
-    from laps.data.synthetic import generate_synthetic
+def probe_data(tmp_path_factory, synthetic_data):
+    """Copies of the shared synthetic folder as dataset `probetoy`, whose dev and test splits have probe splits `dev_probes`,
+    `test_probes` (the same scenes), and as dataset `ownpairs`, which declares no probe splits (its splits' own pairs files are scored)."""
     root = tmp_path_factory.mktemp('probe')
-    generate_synthetic(root / 'synthetic', seed=0, n_train=8, n_dev=10, n_test=16, dev_probe_pairs=1, test_probe_pairs=1)
-    shutil.copytree(root / 'synthetic', root / 'probetoy')
+    shutil.copytree(synthetic_data / 'synthetic', root / 'probetoy')
     d = root / 'probetoy'
     for split in ('dev', 'test'):
         for ext in ('caps.txt', 'ids.txt', 'minimal_pairs.json'): shutil.copy(d / f'{split}_{ext}', d / f'{split}_probes_{ext}')
         (d / f'{split}_minimal_pairs.json').unlink()
-    shutil.copytree(root / 'synthetic', root / 'ownpairs')
+    shutil.copytree(synthetic_data / 'synthetic', root / 'ownpairs')
     register_dataset(DatasetSpec('probetoy', probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}))
     register_dataset(DatasetSpec('ownpairs'))
     yield root
@@ -106,16 +104,13 @@ def probe_data(tmp_path_factory):
 
 
 def _tiny_model_cfg(root, dataset):
-    from transformers import BertConfig, ViTConfig
     from laps.core.config import get_config
     from laps.model.modeling import LAPSModel
     cfg = get_config(None, dataset=dataset, data_path=str(root), img_res=32, num_patches=16, embed_size=16, batch_size=7,
                      workers=0, max_word=32, device='cpu', bert_path='minilm', vision_pretrained=False,
                      text_pretrained=False, shard_size=13)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=30522)
     torch.manual_seed(0)
-    return LAPSModel(cfg, vit, bert).eval(), cfg
+    return LAPSModel(cfg, 'laps/tiny-vit', 'laps/tiny-bert').eval(), cfg
 
 
 def test_probe_evaluation_equals_the_full_matrix(probe_data):
@@ -128,7 +123,7 @@ def test_probe_evaluation_equals_the_full_matrix(probe_data):
     pairs = load_minimal_pairs(probe_data, 'probetoy', 'test_probes')
     full = minimal_pair_report(pair_blocks(sims, split, pairs), split, pairs)   # the same scenes, from the matrix
     assert metrics['minimal_pairs'] == full and full['split'] == 'test_probes'
-    assert metrics['minimal_pair_i2t'] == full['overall']['i2t'] and metrics['minimal_pair_n_pairs'] == 8
+    assert metrics['minimal_pair_i2t'] == full['overall']['i2t'] and metrics['minimal_pair_n_pairs'] == 6   # 12 test scenes
     for g in (1, 3):
         assert evaluate_minimal_pairs(model, cfg, 'test_probes', progress=False, pairs_per_call=g) == full
     # a dataset without probe splits: the split's own pairs file, scored from its matrix, in the same structure
@@ -151,7 +146,7 @@ def test_evaluation_json_keys(probe_data):
     for row in [mp['overall'], mp['bow']['overall'], *mp['kinds'].values(), *mp['bow']['kinds'].values()]:
         assert sorted(row) == ROW_KEYS
         for s in SCORES: assert row[f'{s}_ci95'][0] <= row[s] <= row[f'{s}_ci95'][1]
-    assert mp['overall']['n_pairs'] == sum(r['n_pairs'] for r in mp['kinds'].values()) == 8
+    assert mp['overall']['n_pairs'] == sum(r['n_pairs'] for r in mp['kinds'].values()) == 6
     for k in ('i2t_r1', 'i2t_r5', 'i2t_r10', 't2i_r1', 't2i_r5', 't2i_r10', 'rsum'):
         lo, hi = metrics[f'{k}_ci95']
         assert lo <= metrics[k] <= hi
@@ -159,15 +154,12 @@ def test_evaluation_json_keys(probe_data):
 
 def test_validation_logs_the_probe_scores(probe_data, tmp_path):
     "One epoch of a tiny model: each validation logs mp_* of the dev probes; metrics_dev.json holds the report."
-    from transformers import BertConfig, ViTConfig
     from laps.core.config import get_config
     from laps.training.runner import train
     cfg = get_config(None, dataset='probetoy', data_path=str(probe_data), logger_name=str(tmp_path / 'run'), img_res=32,
                      num_patches=16, embed_size=16, batch_size=8, num_epochs=1, workers=0, max_word=32, device='cpu',
                      log_step=1, bert_path='minilm', vision_pretrained=False, text_pretrained=False, val_step=10**9)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    bert = BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, vocab_size=30522)
-    result = train(cfg, progress=False, vision_backbone=vit, text_backbone=bert)
+    result = train(cfg, progress=False, vision_backbone='laps/tiny-vit', text_backbone='laps/tiny-bert')
     run = Path(result['run_dir'])
     val = [json.loads(l) for l in (run / 'train_log.jsonl').read_text().splitlines() if '"val_dev"' in l]
     kinds = sorted({p['kind'] for p in load_minimal_pairs(probe_data, 'probetoy', 'dev_probes')})

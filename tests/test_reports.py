@@ -5,7 +5,6 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from transformers import ViTConfig, BertConfig
 from laps.reports import render as R
 from laps.core.atomic import atomic_file, write_bytes_atomic, write_json_atomic, write_text_atomic, atomic_folder
 from laps.core.provenance import git_commit, command_record
@@ -158,13 +157,10 @@ def test_git_commit_dirty_flag_and_command_record(tmp_path, monkeypatch):
     assert logged['argv'] == ['laps', 'train', '-x'] and logged['commit'] == head + '+dirty' and logged['time'].endswith('+00:00')
 
 
-def test_trace_steps_are_the_runners_steps(tmp_path):
+def test_trace_steps_are_the_runners_steps(tmp_path, synthetic_data):
     "n traced steps = the first n steps of `laps.training.runner.train` with the same configuration (same losses), across an epoch."
-    from laps.data.synthetic import generate_synthetic
-    generate_synthetic(tmp_path / 'synthetic', seed=0, n_train=8, n_dev=4, n_test=4, dev_probe_pairs=1, test_probe_pairs=1)
-    vit = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
-    bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30522)
-    cfg = get_config('cpu', data_path=str(tmp_path), img_res=32, num_patches=16, embed_size=32, text_layers=0, freeze_text_layers=-1, batch_size=8,
+    vit, bert = 'laps/tiny-vit', 'laps/tiny-bert'
+    cfg = get_config('cpu', data_path=str(synthetic_data), img_res=32, num_patches=16, embed_size=32, text_layers=0, freeze_text_layers=-1, batch_size=8,
                      use_token_selection=1, token_selection_ratio=0.8, token_selection_trainable=1, log_step=1, eval=0,
                      num_epochs=2, vision_pretrained=False, text_pretrained=False, logger_name=str(tmp_path / 'run'))
     train(cfg, command=['laps', 'train'], progress=False, vision_backbone=vit, text_backbone=bert)

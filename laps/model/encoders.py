@@ -189,6 +189,15 @@ BUILTIN_CONFIGS = {
     'laps/conv-vit-64': lambda: ConvStemViTConfig(
         hidden_size=128, num_hidden_layers=3, num_attention_heads=2, intermediate_size=512,
         image_size=64, patch_size=8, qkv_bias=True, stem_channels=(32, 64)),
+    # Tiny ones for smoke runs, examples and the tests (random weights: pretrained=False), 32 px images, N = 16:
+    # a 1-layer ViT with 8 px patches, a 3-stage Swin, and a 1-layer BERT with the bert-base-uncased vocabulary
+    # (so the `minilm` and bert-base-uncased tokenizers feed it).
+    'laps/tiny-vit': lambda: ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8),
+    'laps/tiny-swin': lambda: SwinConfig(
+        image_size=32, patch_size=2, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 2, 2], window_size=4),
+    'laps/tiny-bert': lambda: BertConfig(
+        vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48),
 }
 
 def minilm_path() -> Path:
