@@ -6,7 +6,7 @@
 from __future__ import annotations
 import functools, logging, math, platform, random, resource, time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 import torch
 from ..core.config import get_config, PRESETS
 from ..core.registry import SIMILARITY_METHODS
@@ -15,7 +15,8 @@ from ..model.encoders import adapter_for, backbone_config
 from ..model.engine import engine_flops, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
-__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'run_bench']
+__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'BenchRun',
+           'bench_setup', 'bench_eval', 'bench_flops', 'bench_train', 'run_bench']
 
 # %% ../../nbs/56_eval.bench.ipynb #7c2fd89e
 DEFAULT_CAPTIONS = 'tests/fixtures/f30k/test_caps.txt'  # relative to the repository root: the real Flickr30K test captions
@@ -91,13 +92,33 @@ def _train_step(net, img, cap, lens, weights):
 def _max_diff(a, b):
     return max([0.0] + [float((x - y).abs().max()) for x, y in zip(a, b) if x is not None and y is not None])
 
-def run_bench(*, quick: bool = False, captions: str | Path | None = None, threads: int | None = None,
-              device: str = 'cpu', seed: int = 0, bf16: bool = False, preset: str = 'paper',
-              similarity: str | None = None, embed_size: int | None = None, n_images: int | None = None, n_texts: int | None = None,
-              ref_texts: int | None = None, train_batch: int = 128, ref_train_texts: int | None = None,
-              train: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET, gemm_n: int = 2048,
-              clock: str = 'wall', log=print) -> dict:
-    "Time the reference and fast engines on the same inputs; -> a dict of rates, speed-ups and differences."
+class BenchRun(NamedTuple):
+    "What the phases of `run_bench` share: the network and its shapes, the timer, the log and the report."
+    net: CrossNet
+    device: str
+    seed: int
+    clock: str  # 'wall' or 'cpu'
+    captions: str | Path | None  # captions file for real lengths (None: the repository's)
+    lens: list[int]  # lengths of the evaluation captions
+    N: int  # patches per image
+    T: int  # tokens per image: the prefix tokens, then the patches
+    C: int  # embedding width
+    has_cls: bool
+    sparse_ratio: float
+    n_aggregated: int  # SPA's aggregated tokens N_s
+    method: str  # the similarity method's registered name
+    max_word: int  # longest caption, in tokens
+    timer: Callable[[Callable, int], float]  # timer(fn, repeats) -> best seconds
+    log: Callable
+    out: dict  # the report: the setup writes its header, each phase adds its figures and notes
+
+# %% ../../nbs/56_eval.bench.ipynb #0fe6fabd
+def bench_setup(*, quick: bool = False, captions: str | Path | None = None, threads: int | None = None,
+                device: str = 'cpu', seed: int = 0, preset: str = 'paper', similarity: str | None = None,
+                embed_size: int | None = None, n_images: int | None = None, n_texts: int | None = None,
+                ref_texts: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET, clock: str = 'wall',
+                log=print) -> BenchRun:
+    "Check the options, build the network, draw the caption lengths, start the report: -> the `BenchRun` of the phases."
     if threads is not None: torch.set_num_threads(threads)
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
@@ -105,11 +126,9 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     if clock == 'cpu' and (torch.get_num_threads() != 1 or device != 'cpu'):
         raise ValueError(f"--clock cpu measures one thread's CPU time: it needs --threads 1 and --device cpu "
                          f"(got {torch.get_num_threads()} threads, device {device})")
-    timer = lambda fn, repeats: best_time(fn, device, repeats, clock)
     n_images = n_images or (100 if quick else 1000)
     n_texts = n_texts or (500 if quick else 1000)
     ref_texts = min(n_texts, 8 if quick else 32) if ref_texts is None else min(ref_texts, n_texts)
-    ref_train_texts = min(train_batch, 8 if quick else 32) if ref_train_texts is None else min(ref_train_texts, train_batch)
     overrides = {k: v for k, v in (('embed_size', embed_size), ('similarity_calc_method', similarity)) if v is not None}
     cfg = get_config(preset, **overrides)                                  # an unknown similarity lists the registered ones
     C, N = cfg.embed_size, cfg.num_patches
@@ -131,8 +150,15 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
         f"{out['threads']} threads, {clock} clock; caption lengths: {source}")
     if clock == 'cpu': out['notes'].append("times are CPU seconds of the single compute thread (--clock cpu): "
                                            "per-core figures, insensitive to other processes' load")
-    img, cap, lens_t = _inputs(n_images, n_texts, lens, T, C, device, seed)
-    # --- evaluation
+    return BenchRun(net, device, seed, clock, captions, lens, N, T, C, P > 0, cfg.sparse_ratio, cfg.n_aggregated,
+                    cfg.similarity_calc_method, cfg.max_word, lambda fn, repeats: best_time(fn, device, repeats, clock), log, out)
+
+# %% ../../nbs/56_eval.bench.ipynb #7c93a87e
+def bench_eval(run: BenchRun, bf16: bool = False) -> None:
+    "Phase 1, evaluation: pairs per second of each engine on the same inputs, and their largest difference."
+    out, net, timer, log, device = run.out, run.net, run.timer, run.log, run.device
+    n_images, n_texts, ref_texts = out['n_images'], out['n_texts'], out['reference_texts_timed']
+    img, cap, lens_t = _inputs(n_images, n_texts, run.lens, run.T, run.C, device, run.seed)
     net.eval()
     with torch.no_grad():
         net.engine = 'fast'
@@ -166,47 +192,70 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
             out['eval_pairs_per_s_fast_bf16'] = n_images * n_texts / t16
             if ref_texts: out['max_abs_diff_bf16'] = float((sims.float()[:, sub] - ref_sims).abs().max())
             log(f"[bench] eval fast bf16 autocast: {out['eval_pairs_per_s_fast_bf16']:.0f} pairs/s")
-    # --- FLOP bound
-    out['gemm_gflops'] = gemm_gflops(device, gemm_n, clock=clock)
-    f = engine_flops(N=N, C=C, L=out['mean_caption_len'], sparse_ratio=cfg.sparse_ratio, Ns=cfg.n_aggregated,
-                     has_cls=P > 0, method=cfg.similarity_calc_method, n_img=n_images, n_cap=n_texts)
+
+# %% ../../nbs/56_eval.bench.ipynb #f15d277e
+def bench_flops(run: BenchRun, gemm_n: int = 2048) -> None:
+    "Phase 2, FLOP bound: the GEMM rate, FLOPs per pair of each engine and the fraction of the bound each reached."
+    out = run.out
+    out['gemm_gflops'] = gemm_gflops(run.device, gemm_n, clock=run.clock)
+    f = engine_flops(N=run.N, C=run.C, L=out['mean_caption_len'], sparse_ratio=run.sparse_ratio,
+                     n_aggregated=run.n_aggregated, has_cls=run.has_cls, method=run.method, n_img=out['n_images'],
+                     n_cap=out['n_texts'])
     out['flops_per_pair_reference'], out['flops_per_pair_fast'] = f['reference'], f['fast']
     for name in ('fast', 'reference'):
         if f'eval_pairs_per_s_{name}' in out:
             out[f'eval_gflops_{name}'] = out[f'eval_pairs_per_s_{name}'] * f[name] / 1e9
             out[f'flop_bound_fraction_{name}'] = out[f'eval_gflops_{name}'] / out['gemm_gflops']
-    log(f"[bench] fp32 GEMM {out['gemm_gflops']:.0f} GFLOP/s; fast engine {f['fast'] / 1e6:.2f} MFLOP/pair = "
-        f"{out.get('flop_bound_fraction_fast', 0):.0%} of the FLOP bound; reference {f['reference'] / 1e6:.2f} MFLOP/pair = "
-        f"{out.get('flop_bound_fraction_reference', 0):.0%}")
-    # --- training
-    if train:
-        B = train_batch
-        net.train()
-        g = torch.Generator().manual_seed(seed + 1)
-        lens_b = caption_lengths(captions, B, seed + 1, cfg.max_word).lengths
-        img_b, cap_b, lens_bt = _inputs(B, B, lens_b, T, C, device, seed + 1)
-        w = torch.randn(B, B, generator=g).to(device)
+    run.log(f"[bench] fp32 GEMM {out['gemm_gflops']:.0f} GFLOP/s; fast engine {f['fast'] / 1e6:.2f} MFLOP/pair = "
+            f"{out.get('flop_bound_fraction_fast', 0):.0%} of the FLOP bound; reference {f['reference'] / 1e6:.2f} MFLOP/pair = "
+            f"{out.get('flop_bound_fraction_reference', 0):.0%}")
+
+# %% ../../nbs/56_eval.bench.ipynb #9ff0afed
+def bench_train(run: BenchRun, train_batch: int = 128, ref_train_texts: int = 32) -> None:
+    "Phase 3, training: forward and backward time of a batch with each engine, and their largest differences."
+    out, net, timer, log, B, k = run.out, run.net, run.timer, run.log, train_batch, ref_train_texts
+    net.train()
+    g = torch.Generator().manual_seed(run.seed + 1)
+    lens_b = caption_lengths(run.captions, B, run.seed + 1, run.max_word).lengths
+    img_b, cap_b, lens_bt = _inputs(B, B, lens_b, run.T, run.C, run.device, run.seed + 1)
+    w = torch.randn(B, B, generator=g).to(run.device)
+    net.engine = 'fast'
+    t_fast = timer(lambda: _train_step(net, img_b, cap_b, lens_bt, w), 1)
+    out.update(train_batch=B, train_seconds_fast=t_fast)
+    if k:
+        sub = slice(0, k)
+        net.engine = 'reference'
+        res_ref = None
+        def ref_step():
+            nonlocal res_ref
+            res_ref = _train_step(net, img_b, cap_b[sub], lens_bt[sub], w[:, sub])
+        t_ref = timer(ref_step, 1) * B / k
         net.engine = 'fast'
-        t_fast = timer(lambda: _train_step(net, img_b, cap_b, lens_bt, w), 1)
-        out.update(train_batch=B, train_seconds_fast=t_fast)
-        k = ref_train_texts
-        if k:
-            sub = slice(0, k)
-            net.engine = 'reference'
-            res_ref = None
-            def ref_step():
-                nonlocal res_ref
-                res_ref = _train_step(net, img_b, cap_b[sub], lens_bt[sub], w[:, sub])
-            t_ref = timer(ref_step, 1) * B / k
-            net.engine = 'fast'
-            res_fast = _train_step(net, img_b, cap_b[sub], lens_bt[sub], w[:, sub])
-            out.update(train_seconds_reference=t_ref, train_reference_texts_timed=k, train_speedup=t_ref / t_fast,
-                       train_max_abs_diff=float((res_fast[0] - res_ref[0]).abs().max()),
-                       train_grad_max_abs_diff=_max_diff(res_fast[1], res_ref[1]))
-            out['notes'].append(f"training reference timed on {k} of the {B} captions against all {B} images and "
-                                f"scaled by {B}/{k} (a loop over captions); differences compared on those captions")
-            log(f"[bench] train fwd+bwd, batch {B}: fast {t_fast:.2f} s, reference {t_ref:.2f} s (from {k} captions); "
-                f"speed-up {out['train_speedup']:.1f}x; max |diff| sims {out['train_max_abs_diff']:.2e}, "
-                f"grads {out['train_grad_max_abs_diff']:.2e}")
-    out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+        res_fast = _train_step(net, img_b, cap_b[sub], lens_bt[sub], w[:, sub])
+        out.update(train_seconds_reference=t_ref, train_reference_texts_timed=k, train_speedup=t_ref / t_fast,
+                   train_max_abs_diff=float((res_fast[0] - res_ref[0]).abs().max()),
+                   train_grad_max_abs_diff=_max_diff(res_fast[1], res_ref[1]))
+        out['notes'].append(f"training reference timed on {k} of the {B} captions against all {B} images and "
+                            f"scaled by {B}/{k} (a loop over captions); differences compared on those captions")
+        log(f"[bench] train fwd+bwd, batch {B}: fast {t_fast:.2f} s, reference {t_ref:.2f} s (from {k} captions); "
+            f"speed-up {out['train_speedup']:.1f}x; max |diff| sims {out['train_max_abs_diff']:.2e}, "
+            f"grads {out['train_grad_max_abs_diff']:.2e}")
+
+# %% ../../nbs/56_eval.bench.ipynb #f04feae5
+def run_bench(*, quick: bool = False, captions: str | Path | None = None, threads: int | None = None,
+              device: str = 'cpu', seed: int = 0, bf16: bool = False, preset: str = 'paper',
+              similarity: str | None = None, embed_size: int | None = None, n_images: int | None = None, n_texts: int | None = None,
+              ref_texts: int | None = None, train_batch: int = 128, ref_train_texts: int | None = None,
+              train: bool = True, memory_budget: int = DEFAULT_MEMORY_BUDGET, gemm_n: int = 2048,
+              clock: str = 'wall', log=print) -> dict:
+    "Time the reference and fast engines on the same inputs; -> a dict of rates, speed-ups and differences."
+    run = bench_setup(quick=quick, captions=captions, threads=threads, device=device, seed=seed, preset=preset,
+                      similarity=similarity, embed_size=embed_size, n_images=n_images, n_texts=n_texts,
+                      ref_texts=ref_texts, memory_budget=memory_budget, clock=clock, log=log)
+    bench_eval(run, bf16)
+    bench_flops(run, gemm_n)
+    if train:
+        ref_train_texts = min(train_batch, 8 if quick else 32) if ref_train_texts is None else min(ref_train_texts, train_batch)
+        bench_train(run, train_batch, ref_train_texts)
+    run.out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return run.out

@@ -5,19 +5,22 @@
 # %% ../../nbs/16_model.engine.ipynb #9f7b3ff7
 from __future__ import annotations
 from dataclasses import dataclass
+import functools
+from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .lps import split_cls, n_kept_patches, image_global, text_globals
+from .lps import split_cls, n_kept_patches, image_global, text_globals, select_patches
 from ..core.registry import SIMILARITY_METHODS
 from .similarity import SimilarityMethod, word_mask
 
 # %% auto #0
-__all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'PAIRS_MIN_BLOCK', 'select_words', 'ImageSide',
-           'sym_norm_terms', 'image_side', 'CaptionSide', 'caption_side', 'PatchSelection', 'select_patches',
-           'norm_squares', 'pair_block', 'pair_bytes', 'image_bytes', 'block_plan', 'caption_blocks',
-           'whole_pair_bytes', 'whole_block_plan', 'whole_forward', 'check_inputs', 'batched_forward', 'image_rows',
-           'caption_rows', 'check_pairs', 'pairs_forward', 'engine_flops']
+__all__ = ['STABLE_LOGIT_SPREAD', 'H_CHUNKS', 'DEFAULT_MEMORY_BUDGET', 'MAX_IMAGE_BLOCK', 'PAIRS_MIN_BLOCK', 'select_words',
+           'ImageSide', 'sym_norm_terms', 'image_side', 'CaptionSide', 'caption_side', 'PatchSelection',
+           'block_selection', 'norm_squares', 'pair_block', 'pair_bytes', 'image_bytes', 'caption_bytes', 'BlockSizing',
+           'block_sizing', 'block_plan', 'caption_blocks', 'whole_pair_bytes', 'whole_block_plan', 'whole_forward',
+           'check_inputs', 'batched_forward', 'image_rows', 'caption_rows', 'check_pairs', 'PairOrder', 'sort_pairs',
+           'caption_chunks', 'image_spans', 'slim_pairs', 'pairs_forward', 'engine_flops']
 
 # %% ../../nbs/16_model.engine.ipynb #28587249
 def select_words(words: torch.Tensor, lens: torch.Tensor, attn_mat: nn.Module, strategy: str = 'ratio',
@@ -45,6 +48,20 @@ def select_words(words: torch.Tensor, lens: torch.Tensor, attn_mat: nn.Module, s
     sel = torch.cat([cls[:, None], kept], dim=1)                           # (B,Lk+1,C)
     return sel.masked_fill(~word_mask(sel_lens, Lk + 1)[..., None], 0), sel_lens
 
+# %% ../../nbs/16_model.engine.ipynb #6d91f766
+_OLD_COUNT_NAMES = {'Ns': 'n_aggregated', 'ns': 'n_word_sets'}  # keyword names of the counts before issue #22
+
+def _old_count_keywords(fn):
+    "Decorator: accept the old keyword names of the counts (`_OLD_COUNT_NAMES`) as aliases of the new ones."
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        for old, new in _OLD_COUNT_NAMES.items():
+            if old not in kwargs: continue
+            if new in kwargs: raise TypeError(f"{fn.__name__}() got {old}= and {new}=, two names of one count: pass {new}= only")
+            kwargs[new] = kwargs.pop(old)
+        return fn(*args, **kwargs)
+    return call
+
 # %% ../../nbs/16_model.engine.ipynb #ea166c85
 STABLE_LOGIT_SPREAD = 20.0  # per-image softmax shift is used when an image's SPA logits span at most this
 
@@ -64,14 +81,14 @@ H_CHUNKS = 8  # column ranges of the symmetric norm form
 
 def sym_norm_terms(G: torch.Tensor, E: torch.Tensor, chunks: int = H_CHUNKS) -> list:
     "Step 5's H = c * G * E E^T, upper triangle, in column ranges: [(lo, hi, (bv, hi, (hi-lo) N_s))]."
-    bv, N, Ns = E.shape
+    bv, N, n_aggregated = E.shape
     bounds = [round(i * N / chunks) for i in range(chunks + 1)]
     coef = torch.full((N, N), 2.0, device=G.device, dtype=G.dtype).triu(1) + torch.eye(N, device=G.device, dtype=G.dtype)
     out = []
     for lo, hi in zip(bounds, bounds[1:]):
         if hi == lo: continue
         Hj = (G[:, :hi, lo:hi] * coef[:hi, lo:hi])[..., None] * E[:, :hi, None, :] * E[:, None, lo:hi, :]
-        out.append((lo, hi, Hj.reshape(bv, hi, (hi - lo) * Ns)))           # (bv, hi, |J| N_s)
+        out.append((lo, hi, Hj.reshape(bv, hi, (hi - lo) * n_aggregated)))   # (bv, hi, |J| N_s)
     return out
 
 def image_side(img_embs: torch.Tensor, aggr_net: nn.Module, use_cls_as_glob: bool,
@@ -93,7 +110,7 @@ def image_side(img_embs: torch.Tensor, aggr_net: nn.Module, use_cls_as_glob: boo
 @dataclass
 class CaptionSide:
     "Per-caption quantities of a block of captions."
-    W: torch.Tensor  # (bt, ns, L, C) the method's word sets: normalised (selected) words T [, maps of T]
+    W: torch.Tensor  # (bt, n_word_sets, L, C) the method's word sets: normalised (selected) words T [, maps of T]
     wmask: torch.Tensor  # (bt, L) valid words
     g: torch.Tensor  # (bt, C) normalised text global embedding (no grad)
 
@@ -108,7 +125,7 @@ def caption_side(cap_embs: torch.Tensor, cap_lens: torch.Tensor, *, method: Simi
     if tok_select_net is not None:
         words, lens = select_words(words, cap_lens, tok_select_net.attn_mat, **(token_selection or {}))
         wmask = word_mask(lens, words.shape[1])
-    sets = method.word_sets(method_params or {}, words)                   # ns x (bt,L,C)
+    sets = method.word_sets(method_params or {}, words)                   # n_word_sets x (bt,L,C)
     if len(sets) != method.n_word_sets:
         raise ValueError(f"similarity method {method.name!r} declares {method.n_word_sets} word sets, "
                          f"word_sets() gave {len(sets)}")
@@ -123,81 +140,105 @@ class PatchSelection:
     mT: torch.Tensor  # (bv, bt, N) the mask, images first
 
 @torch.no_grad()
-def select_patches(im: ImageSide, cp: CaptionSide, n_keep: int) -> PatchSelection:
-    "Step 1 (spec section 2) for a block of pairs: the kept patches and the fused token's weights."
+def block_selection(im: ImageSide, cp: CaptionSide, n_keep: int) -> PatchSelection:
+    "Step 1 (spec section 2) for a block of pairs: every pair's scores, then `select_patches` in its 'weights' form."
     bv, N, C = im.X.shape
     score = (cp.g @ im.Xn.reshape(bv * N, C).T).view(cp.g.shape[0], bv, N).add_(im.s_img)   # (bt,bv,N)
-    idx = score.topk(n_keep, dim=-1, sorted=False).indices                 # (bt,bv,K)
-    mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)
-    w_ext = score.exp_().scatter_(-1, idx, 0.0)
+    mask, w_ext = select_patches(None, score, n_keep, form='weights')
     return PatchSelection(mask, w_ext, mask.transpose(0, 1).contiguous())
 
-def norm_squares(H: list, mT: torch.Tensor, Ns: int) -> torch.Tensor:
+@_old_count_keywords
+def norm_squares(H: list, mT: torch.Tensor, n_aggregated: int) -> torch.Tensor:
     "Step 5: |u|^2 of every aggregated token, H from `sym_norm_terms`, mT (bv, bt, N) -> (bv, bt, N_s)."
     inplace = not torch.is_grad_enabled()
     bv, bt, _ = mT.shape
     sq = None                                                              # (bv*bt,1,N_s)
     for lo, hi, Hj in H:
-        Z = torch.bmm(mT[..., :hi], Hj).view(bv * bt, hi - lo, Ns)        # mask^T H over rows < hi
+        Z = torch.bmm(mT[..., :hi], Hj).view(bv * bt, hi - lo, n_aggregated)   # mask^T H over rows < hi
         m = mT[..., lo:hi].reshape(bv * bt, 1, hi - lo)
         sq = torch.bmm(m, Z) if sq is None else (sq.baddbmm_(m, Z) if inplace else sq.baddbmm(m, Z))
-    return sq.view(bv, bt, Ns)
+    return sq.view(bv, bt, n_aggregated)
 
+# %% ../../nbs/16_model.engine.ipynb #a031a322
 def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: SimilarityMethod,
                method_params: dict | None = None, sel: PatchSelection | None = None,
                sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "A block of pairs: -> sims (bv, bt), score_mask (bt, bv, N); `sel` and `sq` (bv, bt, N_s) when already computed."
     X, E, W = im.X, im.E, cp.W
-    bv, N, C = X.shape; bt, ns, L, _ = W.shape
-    Ns = im.logits.shape[-1]
+    bv, N, C = X.shape; bt, n_word_sets, L, _ = W.shape
+    n_aggregated, n_cols = im.logits.shape[-1], n_word_sets * L           # N_s; word columns of a caption
     inplace = not torch.is_grad_enabled()
-    if sel is None: sel = select_patches(im, cp, n_keep)                   # LPS (spec section 2)
+    if sel is None: sel = block_selection(im, cp, n_keep)                  # LPS (spec section 2)
     mask, w_ext, mT = sel.mask, sel.w_ext, sel.mT
     mN = mask.permute(1, 2, 0)[..., None]                                  # view (bv,N,bt,1)
-    Wf = W.reshape(bt * ns * L, C)
-    D = (X.reshape(bv * N, C) @ Wf.T).view(bv, N, bt, ns * L)             # patch . word
+    Wf = W.reshape(bt * n_cols, C)
+    D = (X.reshape(bv * N, C) @ Wf.T).view(bv, N, bt, n_cols)              # patch . word
     ext = torch.bmm(w_ext.transpose(0, 1), X)                              # (bv,bt,C) fused token, unnormalised
-    ext_dot = torch.bmm(ext.transpose(0, 1), W.view(bt, ns * L, C).transpose(1, 2))   # (bt,bv,ns*L)
-    ext_dot = (ext_dot.transpose(0, 1) / ext.norm(dim=-1).clamp_min(1e-12)[..., None]).contiguous()  # (bv,bt,ns*L) cosines
+    ext_dot = torch.bmm(ext.transpose(0, 1), W.view(bt, n_cols, C).transpose(1, 2))   # (bt,bv,n_cols)
+    ext_dot = (ext_dot.transpose(0, 1) / ext.norm(dim=-1).clamp_min(1e-12)[..., None]).contiguous()  # (bv,bt,n_cols) cosines
     Dm = D.mul_(mN) if inplace else D * mN                                 # kept patches only
     if E is not None:                                                      # per-image shift (step 2)
-        num = torch.bmm(E.transpose(1, 2), Dm.view(bv, N, bt * ns * L))   # (bv,N_s,bt*ns*L)
-        if sq is None: sq = norm_squares(im.H, mT, Ns)                     # (bv,bt,N_s) |u|^2 (step 5)
+        num = torch.bmm(E.transpose(1, 2), Dm.view(bv, N, bt * n_cols))   # (bv,N_s,bt*n_cols)
+        if sq is None: sq = norm_squares(im.H, mT, n_aggregated)           # (bv,bt,N_s) |u|^2 (step 5)
     else:                                                                  # per-pair shift by the largest kept logit
         with torch.no_grad():
             top = im.logits[:, :, None].masked_fill(mN == 0, float('-inf')).amax(1, keepdim=True)
         Yp = (im.logits[:, :, None] - top).masked_fill(mN == 0, float('-inf')).exp()   # (bv,N,bt,N_s)
-        num = torch.einsum('vntl,vntm->vmtl', Dm.view(bv, N, bt, ns * L), Yp)
-        Y = Yp.reshape(bv, N, bt * Ns)
+        num = torch.einsum('vntl,vntm->vmtl', Dm.view(bv, N, bt, n_cols), Yp)
+        Y = Yp.reshape(bv, N, bt * n_aggregated)
         sq = torch.bmm(im.G, Y)                                            # (bv,N,bt*N_s) G y
-        sq = (sq.mul_(Y) if inplace else sq * Y).view(bv, N, bt, Ns).sum(1)   # (bv,bt,N_s) |u|^2 (step 4)
+        sq = (sq.mul_(Y) if inplace else sq * Y).view(bv, N, bt, n_aggregated).sum(1)   # (bv,bt,N_s) |u|^2 (step 4)
     norm = sq.clamp_min(1e-24).sqrt().transpose(1, 2)[..., None]           # (bv,N_s,bt,1)
-    num = num.reshape(bv, Ns, bt, ns * L)
+    num = num.reshape(bv, n_aggregated, bt, n_cols)
     aggr = num.div_(norm) if inplace else num / norm                       # cosines with aggregated tokens
-    parts = [aggr, ext_dot[:, None]]                                       # (bv,m,bt,ns*L) cosines, m image tokens
-    if im.cls is not None: parts.insert(0, (im.cls @ Wf.T).view(bv, 1, bt, ns * L))
+    parts = [aggr, ext_dot[:, None]]                                       # (bv,m,bt,n_cols) cosines, m image tokens
+    if im.cls is not None: parts.insert(0, (im.cls @ Wf.T).view(bv, 1, bt, n_cols))
     return method.block_parts(method_params or {}, parts, cp.wmask), mask   # the method's block form
 
 # %% ../../nbs/16_model.engine.ipynb #bba995aa
 DEFAULT_MEMORY_BUDGET = 512 * 2**20  # bytes of working memory for one block of pairs
+MAX_IMAGE_BLOCK = 64  # most images in one block whatever the budget: bounds the image sides held at once and each block's rows
 
-def pair_bytes(N: int, C: int, Ns: int, L: int, ns: int = 1, itemsize: int = 4) -> int:
+@_old_count_keywords
+def pair_bytes(N: int, C: int, n_aggregated: int, L: int, n_word_sets: int = 1, itemsize: int = 4) -> int:
     "Working bytes of one image-caption pair in `pair_block` (scores, D, norm terms, cosines)."
-    M = Ns + 2
-    return itemsize * (5 * N + C + 2 * ns * L * N + 2 * N * Ns + 2 * ns * L * (Ns + M) + 4 * L * M)
+    M, n_cols = n_aggregated + 2, n_word_sets * L
+    return itemsize * (5 * N + C + 2 * n_cols * N + 2 * N * n_aggregated + 2 * n_cols * (n_aggregated + M) + 4 * L * M)
 
-def image_bytes(N: int, C: int, Ns: int, itemsize: int = 4) -> int:
+@_old_count_keywords
+def image_bytes(N: int, C: int, n_aggregated: int, itemsize: int = 4) -> int:
     "Bytes of one image's `ImageSide` (with step 5's H) and the weight net's temporaries."
-    return itemsize * (3 * N * C + N * N + 3 * N * Ns + (H_CHUNKS + 1) * N * N * Ns // (2 * H_CHUNKS) + N * N)
+    H = (H_CHUNKS + 1) * N * N * n_aggregated // (2 * H_CHUNKS)
+    return itemsize * (3 * N * C + N * N + 3 * N * n_aggregated + H + N * N)
 
-def block_plan(n_img: int, lens_desc: list[int], *, N: int, C: int, Ns: int, ns: int = 1,
-               budget: int = DEFAULT_MEMORY_BUDGET, max_images: int = 64, min_block: int = 8,
+def caption_bytes(C: int, L: int, n_word_sets: int = 1, itemsize: int = 4) -> int:
+    "Bytes of one caption's side at padded length L: its word sets and two temporaries of their size."
+    return itemsize * 3 * n_word_sets * L * C
+
+@dataclass
+class BlockSizing:
+    "The sizes that cut the work of a method that slims into blocks."
+    bv: int  # images per block
+    per_img: int  # bytes of one image side
+    per_pair: Callable[[int], int]  # bytes of one pair at padded caption length L
+    per_cap: Callable[[int], int]  # bytes of one caption side at padded length L
+
+def block_sizing(n_img: int, *, N: int, C: int, n_aggregated: int, n_word_sets: int = 1,
+                 budget: int = DEFAULT_MEMORY_BUDGET, max_images: int = MAX_IMAGE_BLOCK) -> BlockSizing:
+    "Bytes of each side and of a pair, and images per block: their sides in a quarter of `budget`, `max_images` at most."
+    per_img = image_bytes(N, C, n_aggregated)
+    bv = max(1, min(n_img, max_images, budget // (4 * per_img)))
+    return BlockSizing(bv, per_img, lambda L: pair_bytes(N, C, n_aggregated, L, n_word_sets),
+                       lambda L: caption_bytes(C, L, n_word_sets))
+
+@_old_count_keywords
+def block_plan(n_img: int, lens_desc: list[int], *, N: int, C: int, n_aggregated: int, n_word_sets: int = 1,
+               budget: int = DEFAULT_MEMORY_BUDGET, max_images: int = MAX_IMAGE_BLOCK, min_block: int = 8,
                fill: float = 0.85) -> tuple[int, list[tuple[int, int]]]:
     "Image block size and caption blocks [(start, stop)] over captions sorted longest first."
-    per_img = image_bytes(N, C, Ns)
-    bv = max(1, min(n_img, max_images, budget // (4 * per_img)))
-    return bv, caption_blocks(lens_desc, bv, per_img, lambda L: pair_bytes(N, C, Ns, L, ns),
-                              lambda L: 4 * ns * L * C * 3, budget, min_block, fill)
+    s = block_sizing(n_img, N=N, C=C, n_aggregated=n_aggregated, n_word_sets=n_word_sets, budget=budget,
+                     max_images=max_images)
+    return s.bv, caption_blocks(lens_desc, s.bv, s.per_img, s.per_pair, s.per_cap, budget, min_block, fill)
 
 def caption_blocks(lens_desc: list[int], bv: int, per_img: int, per_pair, per_cap, budget: int,
                    min_block: int = 8, fill: float = 0.85) -> list[tuple[int, int]]:
@@ -214,17 +255,20 @@ def caption_blocks(lens_desc: list[int], bv: int, per_img: int, per_pair, per_ca
     return blocks
 
 # %% ../../nbs/16_model.engine.ipynb #4851f468
-def whole_pair_bytes(M: int, L: int, ns: int = 1, itemsize: int = 4) -> int:
-    "Working bytes of one pair of a method that does not slim: cosines (M x ns L), the reductions' temporaries."
-    return itemsize * (3 * ns * L * M + 2 * (ns * L + M))
+@_old_count_keywords
+def whole_pair_bytes(M: int, L: int, n_word_sets: int = 1, itemsize: int = 4) -> int:
+    "Working bytes of one pair of a method that does not slim: cosines (M x n_word_sets L), the reductions' temporaries."
+    n_cols = n_word_sets * L                                               # word columns of a caption
+    return itemsize * (3 * n_cols * M + 2 * (n_cols + M))
 
-def whole_block_plan(n_img: int, lens_desc: list[int], *, M: int, C: int, ns: int = 1,
+@_old_count_keywords
+def whole_block_plan(n_img: int, lens_desc: list[int], *, M: int, C: int, n_word_sets: int = 1,
                      budget: int = DEFAULT_MEMORY_BUDGET, min_block: int = 8, fill: float = 0.85) -> tuple[int, list]:
     "`block_plan` for a method that does not slim, with M image tokens: image block size and caption blocks."
     per_img = 2 * 4 * M * C                                                # its tokens and their normalised copy
     bv = max(1, min(n_img, budget // (4 * per_img)))
-    return bv, caption_blocks(lens_desc, bv, per_img, lambda L: whole_pair_bytes(M, L, ns),
-                              lambda L: 3 * 4 * ns * L * C, budget, min_block, fill)
+    return bv, caption_blocks(lens_desc, bv, per_img, lambda L: whole_pair_bytes(M, L, n_word_sets),
+                              lambda L: caption_bytes(C, L, n_word_sets), budget, min_block, fill)
 
 def whole_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Tensor, *, method: SimilarityMethod,
                   method_params: dict | None = None, num_prefix_tokens: int | None = None,
@@ -235,23 +279,22 @@ def whole_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Te
     V = F.normalize(method.whole_image_tokens(params, cls, X), dim=-1)    # (B_v, M, C)
     pad = ~word_mask(lens, L)[..., None]                                   # padding may hold anything
     toks, n = method.whole_caption_tokens(params, cap_embs.masked_fill(pad, 0), lens)   # (B_t, L', C), (B_t,)
-    M, ns = V.shape[1], method.n_word_sets
+    M, n_word_sets = V.shape[1], method.n_word_sets
     order = n.argsort(descending=True, stable=True)                        # longest captions first
     n_desc = n[order].tolist()
-    bv, blocks = whole_block_plan(V.shape[0], n_desc, M=M, C=C, ns=ns, budget=int(memory_budget))
+    bv, blocks = whole_block_plan(V.shape[0], n_desc, M=M, C=C, n_word_sets=n_word_sets, budget=int(memory_budget))
     caps = []
     for (a, b), t in zip(blocks, toks[order].split([b - a for a, b in blocks]) if blocks else []):
         wmask = word_mask(n[order[a:b]], n_desc[a])                        # (bt, L')
         words = F.normalize(t[:, :n_desc[a]].masked_fill(~wmask[..., None], 0), dim=-1)
-        caps.append((torch.stack(method.word_sets(params, words), 1).reshape(-1, C), wmask))   # (bt ns L', C)
+        caps.append((torch.stack(method.word_sets(params, words), 1).reshape(-1, C), wmask))   # (bt n_word_sets L', C)
     rows = []
     for Vb in V.split(bv):                                                 # one GEMM per pair of blocks
         Vf = Vb.reshape(-1, C)
-        rows.append(torch.cat([method.block_parts(params, [(Vf @ W.T).view(Vb.shape[0], M, wm.shape[0], ns * wm.shape[1])], wm)
+        rows.append(torch.cat([method.block_parts(params, [(Vf @ W.T).view(Vb.shape[0], M, wm.shape[0], n_word_sets * wm.shape[1])], wm)
                                for W, wm in caps], 1) if caps else V.new_zeros(Vb.shape[0], 0))
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
     return (torch.cat(rows, 0) if rows else V.new_zeros(0, B_t))[:, inverse]
-
 
 # %% ../../nbs/16_model.engine.ipynb #aa91ae24
 def check_inputs(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, memory_budget: int) -> torch.Tensor:
@@ -282,11 +325,11 @@ def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *,
         return (sims, None) if with_mask else sims
     if aggr_net is None: raise ValueError(f"similarity method {method.name!r} slims patches: batched_forward needs aggr_net")
     N = split_cls(img_embs[:0], num_prefix_tokens)[1].shape[1]
-    Ns, ns = aggr_net.weight[-1].out_features, method.n_word_sets
+    n_aggregated, n_word_sets = aggr_net.weight[-1].out_features, method.n_word_sets
     K = n_kept_patches(N, sparse_ratio)
     order = lens.argsort(descending=True, stable=True)                     # longest captions first
     lens_desc = lens[order].tolist()
-    bv, blocks = block_plan(img_embs.shape[0], lens_desc, N=N, C=C, Ns=Ns, ns=ns, budget=int(memory_budget))
+    bv, blocks = block_plan(img_embs.shape[0], lens_desc, N=N, C=C, n_aggregated=n_aggregated, n_word_sets=n_word_sets, budget=int(memory_budget))
     # Blocks come from one gather and `split`s, not from slicing in a loop: in training, the backward
     # of each slice would zero-fill a gradient of the whole input (5 x 52 MB for a batch of 128).
     caps, cap_blocks = [], cap_embs[order].split([b - a for a, b in blocks]) if blocks else []
@@ -301,8 +344,8 @@ def batched_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, *,
         if torch.is_grad_enabled() and im.H is not None and len(caps) > 1:
             # Training: the norms of all captions in one pass over H, so that H's backward runs once per
             # image block instead of once per caption block (each a memory-bound pass over H).
-            sels = [select_patches(im, cp, K) for cp in caps]
-            sqs = norm_squares(im.H, torch.cat([s.mT for s in sels], 1), Ns).split([s.mT.shape[1] for s in sels], 1)
+            sels = [block_selection(im, cp, K) for cp in caps]
+            sqs = norm_squares(im.H, torch.cat([s.mT for s in sels], 1), n_aggregated).split([s.mT.shape[1] for s in sels], 1)
         out = [pair_block(im, cp, n_keep=K, method=method, method_params=method_params, sel=sel, sq=sq)
                for cp, sel, sq in zip(caps, sels, sqs)]
         rows.append(torch.cat([s for s, _ in out], 1) if out else img_embs.new_zeros(im.X.shape[0], 0))
@@ -337,6 +380,85 @@ def check_pairs(pairs, n_img: int, n_cap: int, device) -> torch.Tensor:
                          f"{int(pairs[:, 0].max())}] and captions in [{int(pairs[:, 1].min())}, {int(pairs[:, 1].max())}]")
     return pairs
 
+# %% ../../nbs/16_model.engine.ipynb #c54abb6c
+@dataclass
+class PairOrder:
+    "Pairs sorted by image, then by their caption's place among the captions sorted longest first."
+    order: torch.Tensor  # (B_t,) caption indices, longest first
+    perm: torch.Tensor  # (P,) index in the given pairs of each sorted pair
+    pos_of: torch.Tensor  # (P,) each sorted pair's caption, as a position in `order`
+    bounds: list  # image i's pairs are the sorted pairs bounds[i]:bounds[i+1]
+
+def sort_pairs(pairs: torch.Tensor, lens: torch.Tensor, n_img: int) -> PairOrder:
+    "Sort validated pairs (P, 2) of `n_img` images and captions of lengths lens (B_t,) for `pairs_forward`."
+    B_t = len(lens)
+    order = lens.argsort(descending=True, stable=True)                     # captions longest first
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
+    perm = (pairs[:, 0] * B_t + rank[pairs[:, 1]]).argsort()               # pairs by image, then caption length
+    img_of, pos_of = pairs[perm, 0], rank[pairs[perm, 1]]                  # (P,), (P,) positions in `order`
+    bounds = torch.searchsorted(img_of, torch.arange(n_img + 1, device=img_of.device)).tolist()
+    return PairOrder(order, perm, pos_of, bounds)
+
+def caption_chunks(lens_desc: list[int], per_cap, budget: int) -> list[tuple[int, int]]:
+    "Consecutive chunks [(start, stop)] of captions of lengths `lens_desc` whose sides per_cap(L) fit half the budget."
+    chunks, start, size = [], 0, 0
+    for j, L in enumerate(lens_desc):
+        if j > start and size + per_cap(L) > budget // 2: chunks.append((start, j)); start, size = j, 0
+        size += per_cap(L)
+    chunks.append((start, len(lens_desc)))
+    return chunks
+
+def image_spans(po: PairOrder, v0: int, v1: int, lo_pos: int, hi_pos: int) -> list[tuple[int, int, int]]:
+    "The pairs of images v0:v1 whose captions sit at positions lo_pos..hi_pos of `order`: [(image, start, stop)]."
+    spans = []
+    for i in range(v0, v1):
+        a, b = po.bounds[i], po.bounds[i + 1]
+        if a == b: continue
+        s = a + int(torch.searchsorted(po.pos_of[a:b], lo_pos))
+        e = a + int(torch.searchsorted(po.pos_of[a:b], hi_pos, right=True))
+        if s < e: spans.append((i, s, e))
+    return spans
+
+# %% ../../nbs/16_model.engine.ipynb #43c231d1
+@torch.no_grad()
+def slim_pairs(img_embs: torch.Tensor, cap_embs: torch.Tensor, lens: torch.Tensor, po: PairOrder, out: torch.Tensor, *,
+               aggr_net: nn.Module, method: SimilarityMethod, method_params: dict, sparse_ratio: float,
+               use_cls_as_glob: bool, tok_select_net: nn.Module | None, token_selection: dict | None,
+               num_prefix_tokens: int | None, memory_budget: int) -> torch.Tensor:
+    "`pairs_forward` of a method that slims, on validated inputs: writes the scores of the pairs into out (P,)."
+    (B_v, _, C), B_t = img_embs.shape, len(lens)
+    N = split_cls(img_embs[:0], num_prefix_tokens)[1].shape[1]
+    K = n_kept_patches(N, sparse_ratio)
+    size = block_sizing(B_v, N=N, C=C, n_aggregated=aggr_net.weight[-1].out_features, n_word_sets=method.n_word_sets,
+                        budget=memory_budget)
+    used = torch.zeros(B_t, dtype=torch.bool, device=po.order.device); used[po.pos_of] = True
+    used_pos = used.nonzero()[:, 0]                                        # positions in `order` that occur, longest first
+    lens_desc = lens[po.order].tolist()
+    row = torch.full((B_t,), -1, dtype=torch.long, device=po.order.device)   # position in `order` -> row of its chunk
+    for a, b in caption_chunks([lens_desc[p] for p in used_pos.tolist()], size.per_cap, memory_budget):
+        cpos = used_pos[a:b]
+        caps = po.order[cpos]
+        cp = caption_side(cap_embs[caps, :lens_desc[int(cpos[0])]], lens[caps], method=method, method_params=method_params,
+                          use_cls_as_glob=use_cls_as_glob, tok_select_net=tok_select_net, token_selection=token_selection)
+        cp_lens = cp.wmask.sum(1)
+        row[cpos] = torch.arange(len(cpos), device=row.device)
+        for v0 in range(0, B_v, size.bv):
+            spans = image_spans(po, v0, min(B_v, v0 + size.bv), int(cpos[0]), int(cpos[-1]))
+            if not spans: continue
+            im = image_side(img_embs[v0:spans[-1][0] + 1], aggr_net, use_cls_as_glob, num_prefix_tokens)
+            for i, s, e in spans:
+                one, rows = image_rows(im, i - v0, i - v0 + 1), row[po.pos_of[s:e]]
+                sub_desc = [lens_desc[p] for p in po.pos_of[s:e].tolist()]
+                for x, y in caption_blocks(sub_desc, 1, size.per_img, size.per_pair, size.per_cap, memory_budget,
+                                           min_block=PAIRS_MIN_BLOCK):
+                    r = rows[x:y]
+                    sims, _ = pair_block(one, caption_rows(cp, r, int(cp_lens[r].max())), n_keep=K, method=method,
+                                         method_params=method_params)
+                    out[po.perm[s + x:s + y]] = sims[0].to(out.dtype)
+        row[cpos] = -1
+    return out
+
+# %% ../../nbs/16_model.engine.ipynb #bff00586
 @torch.no_grad()
 def pairs_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, pairs, *, aggr_net: nn.Module | None,
                   method: SimilarityMethod, method_params: dict | None = None, sparse_ratio: float = 0.5,
@@ -345,72 +467,29 @@ def pairs_forward(img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, pair
                   memory_budget: int = DEFAULT_MEMORY_BUDGET) -> torch.Tensor:
     "Scores of chosen pairs only: pairs (P, 2) of (image, caption) indices -> (P,) = batched_forward(...)[pairs.T]."
     lens = check_inputs(img_embs, cap_embs, cap_lens, memory_budget)
-    (B_v, T, C), B_t = img_embs.shape, cap_embs.shape[0]
+    B_v, B_t = img_embs.shape[0], cap_embs.shape[0]
     pairs = check_pairs(pairs, B_v, B_t, img_embs.device)
     out = img_embs.new_zeros(len(pairs))
     if not len(pairs): return out
-    order = lens.argsort(descending=True, stable=True)                     # captions longest first
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(B_t, device=order.device))
-    perm = (pairs[:, 0] * B_t + rank[pairs[:, 1]]).argsort()               # pairs by image, then caption length
-    img_of, pos_of = pairs[perm, 0], rank[pairs[perm, 1]]                  # (P,), (P,) positions in `order`
-    bounds = torch.searchsorted(img_of, torch.arange(B_v + 1, device=img_of.device)).tolist()  # image i: bounds[i]:bounds[i+1]
+    po = sort_pairs(pairs, lens, B_v)
     params = method_params or {}
     if not method.slims_patches:                                           # a baseline: one image at a time
         for i in range(B_v):
-            a, b = bounds[i], bounds[i + 1]
+            a, b = po.bounds[i], po.bounds[i + 1]
             if a == b: continue
-            caps = order[pos_of[a:b]]
-            out[perm[a:b]] = whole_forward(img_embs[i:i + 1], cap_embs[caps], lens[caps], method=method,
-                                           method_params=params, num_prefix_tokens=num_prefix_tokens,
-                                           memory_budget=memory_budget)[0]
+            caps = po.order[po.pos_of[a:b]]
+            out[po.perm[a:b]] = whole_forward(img_embs[i:i + 1], cap_embs[caps], lens[caps], method=method,
+                                              method_params=params, num_prefix_tokens=num_prefix_tokens,
+                                              memory_budget=memory_budget)[0]
         return out
     if aggr_net is None: raise ValueError(f"similarity method {method.name!r} slims patches: pairs_forward needs aggr_net")
-    N = split_cls(img_embs[:0], num_prefix_tokens)[1].shape[1]
-    Ns, ns = aggr_net.weight[-1].out_features, method.n_word_sets
-    K = n_kept_patches(N, sparse_ratio)
-    used = torch.zeros(B_t, dtype=torch.bool, device=order.device); used[pos_of] = True
-    used_pos = used.nonzero()[:, 0]                                        # positions in `order` that occur, longest first
-    lens_desc = lens[order].tolist()
-    per_img, per_cap = image_bytes(N, C, Ns), lambda L: 4 * ns * L * C * 3
-    bv = max(1, min(B_v, 64, memory_budget // (4 * per_img)))
-    chunks, start, size = [], 0, 0                                         # caption chunks within half the budget
-    for j, p in enumerate(used_pos.tolist()):
-        if j > start and size + per_cap(lens_desc[p]) > memory_budget // 2: chunks.append((start, j)); start, size = j, 0
-        size += per_cap(lens_desc[p])
-    chunks.append((start, len(used_pos)))
-    row = torch.full((B_t,), -1, dtype=torch.long, device=order.device)   # position in `order` -> row of its chunk
-    for a, b in chunks:
-        cpos = used_pos[a:b]
-        caps = order[cpos]
-        cp = caption_side(cap_embs[caps, :lens_desc[int(cpos[0])]], lens[caps], method=method, method_params=params,
-                          use_cls_as_glob=use_cls_as_glob, tok_select_net=tok_select_net, token_selection=token_selection)
-        cp_lens = cp.wmask.sum(1)
-        row[cpos] = torch.arange(len(cpos), device=row.device)
-        lo_pos, hi_pos = int(cpos[0]), int(cpos[-1])
-        for v0 in range(0, B_v, bv):
-            spans = []                                                     # (image, first, last) pairs of this chunk
-            for i in range(v0, min(B_v, v0 + bv)):
-                a_i, b_i = bounds[i], bounds[i + 1]
-                if a_i == b_i: continue
-                s = a_i + int(torch.searchsorted(pos_of[a_i:b_i], lo_pos))
-                e = a_i + int(torch.searchsorted(pos_of[a_i:b_i], hi_pos, right=True))
-                if s < e: spans.append((i, s, e))
-            if not spans: continue
-            im = image_side(img_embs[v0:spans[-1][0] + 1], aggr_net, use_cls_as_glob, num_prefix_tokens)
-            for i, s, e in spans:
-                one, rows = image_rows(im, i - v0, i - v0 + 1), row[pos_of[s:e]]
-                sub_desc = [lens_desc[p] for p in pos_of[s:e].tolist()]
-                for x, y in caption_blocks(sub_desc, 1, per_img, lambda L: pair_bytes(N, C, Ns, L, ns), per_cap,
-                                           memory_budget, min_block=PAIRS_MIN_BLOCK):
-                    r = rows[x:y]
-                    sims, _ = pair_block(one, caption_rows(cp, r, int(cp_lens[r].max())), n_keep=K, method=method,
-                                         method_params=params)
-                    out[perm[s + x:s + y]] = sims[0].to(out.dtype)
-        row[cpos] = -1
-    return out
+    return slim_pairs(img_embs, cap_embs, lens, po, out, aggr_net=aggr_net, method=method, method_params=params,
+                      sparse_ratio=sparse_ratio, use_cls_as_glob=use_cls_as_glob, tok_select_net=tok_select_net,
+                      token_selection=token_selection, num_prefix_tokens=num_prefix_tokens, memory_budget=memory_budget)
 
 # %% ../../nbs/16_model.engine.ipynb #ce92172d
-def engine_flops(*, N: int = 196, C: int = 512, L: float = 16.0, sparse_ratio: float = 0.5, Ns: int = 39,
+@_old_count_keywords
+def engine_flops(*, N: int = 196, C: int = 512, L: float = 16.0, sparse_ratio: float = 0.5, n_aggregated: int = 39,
                  has_cls: bool = True, method: str = 'max', n_img: int = 1000, n_cap: int = 5000) -> dict:
     "Analytic FLOPs per image-caption pair of the reference and fast engines (GEMM-like work only)."
     sim = SIMILARITY_METHODS.get(method)                                   # a registered similarity method
@@ -418,16 +497,16 @@ def engine_flops(*, N: int = 196, C: int = 512, L: float = 16.0, sparse_ratio: f
         M, Lw = sim.aligned_tokens(N, L, has_cls)
         pair = sim.n_word_sets * Lw * M * C + sim.caption_macs(Lw, C) / n_img   # the cosines, both engines
         return {'reference': 2 * pair, 'fast': 2 * pair}
-    K, h, ns = n_kept_patches(N, sparse_ratio), int(0.2 * C), sim.n_word_sets
-    M = Ns + 1 + int(has_cls)
-    weight_net = N * (C * h + h * Ns)                                      # multiply-adds, all N patches
+    K, h, n_word_sets = n_kept_patches(N, sparse_ratio), int(0.2 * C), sim.n_word_sets
+    M = n_aggregated + 1 + int(has_cls)
+    weight_net = N * (C * h + h * n_aggregated)                                      # multiply-adds, all N patches
     per_cap_sets = sim.caption_macs(L, C)                                  # the method's extra word sets
     ref = (3 * N * C                                                       # s_img, s_txt, fused token
-           + weight_net * K / N + Ns * K * C                               # weight net on kept, aggregation
-           + ns * L * M * C + per_cap_sets / n_img)                        # S (and the other word sets' cosines)
-    fast = (N * C + ns * L * N * C + ns * L * C * (1 + int(has_cls))       # s_txt, D, fused token and [CLS] dots
-            + N * C + ns * L * N * Ns                                      # fused token, E^T(D*mask)
-            + N * N * Ns * (H_CHUNKS + 1) / (2 * H_CHUNKS) + N * Ns         # norms, step 5
+           + weight_net * K / N + n_aggregated * K * C                               # weight net on kept, aggregation
+           + n_word_sets * L * M * C + per_cap_sets / n_img)                        # S (and the other word sets' cosines)
+    fast = (N * C + n_word_sets * L * N * C + n_word_sets * L * C * (1 + int(has_cls))       # s_txt, D, fused token and [CLS] dots
+            + N * C + n_word_sets * L * N * n_aggregated                                      # fused token, E^T(D*mask)
+            + N * N * n_aggregated * (H_CHUNKS + 1) / (2 * H_CHUNKS) + N * n_aggregated         # norms, step 5
             + (weight_net + N * N * C + N * C) / n_cap                     # per image: weight net, Gram, s_img
             + per_cap_sets / n_img)
     return {'reference': 2 * ref, 'fast': 2 * fast}

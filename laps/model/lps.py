@@ -50,12 +50,17 @@ def patch_scores(patches: torch.Tensor, img_glob: torch.Tensor, txt_glob: torch.
     s_txt = xn @ F.normalize(txt_glob, dim=-1)
     return s_img + s_txt
 
-def select_patches(patches: torch.Tensor, score: torch.Tensor, n_keep: int):
-    "Top-`n_keep` patches by score and the fused rest: -> kept (B_v, K, C), extra (B_v, 1, C), score_mask (B_v, N)."
+# %% ../../nbs/11_model.lps.ipynb #f5ee37d0
+def select_patches(patches: torch.Tensor | None, score: torch.Tensor, n_keep: int, *, form: str = 'tokens'):
+    """Top-`n_keep` patches by score (last axis) and the fused rest. form='tokens': patches (B_v, N, C), score (B_v, N)
+    -> kept (B_v, K, C) by descending score, extra (B_v, 1, C), score_mask (B_v, N). form='weights': score (..., N),
+    `patches` unread -> score_mask (..., N), the extra token's unnormalised weights exp(score) (..., N), 0 where kept."""
+    if form not in ('tokens', 'weights'): raise ValueError(f"select_patches: form must be 'tokens' or 'weights', got {form!r}")
+    idx = score.topk(n_keep, dim=-1, sorted=form == 'tokens').indices         # (..., K), descending score for 'tokens'
+    score_mask = torch.zeros_like(score).scatter_(-1, idx, 1.0)
+    if form == 'weights': return score_mask, score.exp().scatter_(-1, idx, 0.0)
     B, N, C = patches.shape
-    idx = score.topk(n_keep, dim=1).indices                                   # (B_v, K), descending score
     kept = patches.gather(1, idx.unsqueeze(-1).expand(B, n_keep, C))
-    score_mask = torch.zeros_like(score).scatter_(1, idx, 1.0)
     if n_keep == N: return kept, patches.new_zeros(B, 1, C), score_mask     # nothing left to fuse
     weights = score.masked_fill(score_mask.bool(), float('-inf')).softmax(dim=1)  # (B_v, N), 0 where kept
     extra = torch.einsum('bn,bnc->bc', weights, patches).unsqueeze(1)

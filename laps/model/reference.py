@@ -15,16 +15,11 @@ from .text_selection import TokenSelection
 from .similarity import SimilarityMethod
 
 # %% auto #0
-__all__ = ['check_cap_lens', 'ReferenceCrossNet']
+__all__ = ['CrossNetBase', 'check_cap_lens', 'ReferenceCrossNet']
 
 # %% ../../nbs/15_model.reference.ipynb #cd79201c
-def check_cap_lens(cap_embs: torch.Tensor, cap_lens) -> None:
-    "One length per caption, or a `ValueError` saying how many there are."
-    if cap_embs.shape[0] != len(cap_lens):
-        raise ValueError(f"cap_lens has {len(cap_lens)} entries for {cap_embs.shape[0]} captions")
-
-class ReferenceCrossNet(nn.Module):
-    "The cross-modal network's parameters and its per-caption reference path: -> (B_v, B_t) similarities."
+class CrossNetBase(nn.Module):
+    "The cross-modal network's sub-modules and settings under the published key names; the paths that use them subclass it."
     def __init__(self, cfg: LapsConfig,
                  num_prefix_tokens: int | None = None):  # tokens before the patches (None: perfect-square rule)
         super().__init__()
@@ -60,6 +55,14 @@ class ReferenceCrossNet(nn.Module):
         "(B_v, T, C) -> ([CLS] (B_v, 1, C) or None, patches (B_v, N, C)), by `num_prefix_tokens`."
         return split_cls(img_embs, self.num_prefix_tokens)
 
+# %% ../../nbs/15_model.reference.ipynb #ebf3aad6
+def check_cap_lens(cap_embs: torch.Tensor, cap_lens) -> None:
+    "One length per caption, or a `ValueError` saying how many there are."
+    if cap_embs.shape[0] != len(cap_lens):
+        raise ValueError(f"cap_lens has {len(cap_lens)} entries for {cap_embs.shape[0]} captions")
+
+class ReferenceCrossNet(CrossNetBase):
+    "The cross-modal network's per-caption reference path: -> (B_v, B_t) similarities."
     def image_tokens(self, img_cls, patches, cap):
         "One caption vs all images: -> normalised image tokens V (B_v, M, C), score_mask (B_v, N) (None: no slimming)."
         if not self.slims_patches:
