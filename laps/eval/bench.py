@@ -8,8 +8,7 @@ import functools, logging, math, platform, random, resource, time
 from pathlib import Path
 from typing import Callable, NamedTuple
 import torch
-from ..core.config import get_config, PRESETS
-from ..core.registry import SIMILARITY_METHODS
+from ..core.config import get_config
 from ..model.crossnet import CrossNet
 from ..model.encoders import adapter_for, backbone_config
 from ..model.engine import engine_flops, DEFAULT_MEMORY_BUDGET
