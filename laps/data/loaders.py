@@ -199,7 +199,7 @@ def apply_train_params(img: Image.Image, box, flip: bool, img_res: int) -> torch
 
 def train_transform(img: Image.Image, img_res: int, generator: torch.Generator, scale=(0.6, 1.0),
                     ratio=(3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    "Training augmentation (spec section 7): random resized crop + horizontal flip -> (3, r, r)."
+    "Training augmentation (the released code's): random resized crop + horizontal flip -> (3, r, r)."
     return apply_train_params(img, *sample_train_params(*img.size, generator, scale, ratio, hflip), img_res)
 
 def eval_transform(img: Image.Image, img_res: int) -> torch.Tensor:

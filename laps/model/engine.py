@@ -124,7 +124,7 @@ class PatchSelection:
 
 @torch.no_grad()
 def select_patches(im: ImageSide, cp: CaptionSide, n_keep: int) -> PatchSelection:
-    "Step 1 (spec section 2) for a block of pairs: the kept patches and the fused token's weights."
+    "Step 1 (LPS, the paper's Sec. 3) for a block of pairs: the kept patches and the fused token's weights."
     bv, N, C = im.X.shape
     score = (cp.g @ im.Xn.reshape(bv * N, C).T).view(cp.g.shape[0], bv, N).add_(im.s_img)   # (bt,bv,N)
     idx = score.topk(n_keep, dim=-1, sorted=False).indices                 # (bt,bv,K)
@@ -151,7 +151,7 @@ def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: Similarit
     bv, N, C = X.shape; bt, ns, L, _ = W.shape
     Ns = im.logits.shape[-1]
     inplace = not torch.is_grad_enabled()
-    if sel is None: sel = select_patches(im, cp, n_keep)                   # LPS (spec section 2)
+    if sel is None: sel = select_patches(im, cp, n_keep)                   # LPS (nbs/11_model.lps.ipynb)
     mask, w_ext, mT = sel.mask, sel.w_ext, sel.mT
     mN = mask.permute(1, 2, 0)[..., None]                                  # view (bv,N,bt,1)
     Wf = W.reshape(bt * ns * L, C)
