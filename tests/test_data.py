@@ -219,7 +219,7 @@ def test_augment_words_follows_actions(tok):
         if a == MASK: assert w_out == [tok.mask_token_id] * len(w_in)
         if a == RANDOM: assert w_out != w_in and not set(w_out) & set(tok.all_special_ids)
     props = torch.bincount(word_actions(100_000, torch.Generator().manual_seed(1)), minlength=4).float() / 100_000
-    assert torch.allclose(props, torch.tensor([0.8, 0.1, 0.02, 0.08]), atol=5e-3), props   # spec section 7
+    assert torch.allclose(props, torch.tensor([0.8, 0.1, 0.02, 0.08]), atol=5e-3), props   # size augmentation, nbs/41_data.loaders.ipynb
 
 
 @needs_f30k

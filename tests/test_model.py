@@ -75,7 +75,7 @@ def test_trainable_token_selection_learns(tiny_vit, tiny_bert):
     assert model.cross_net.tok_select_net.attn_mat.weight.grad.abs().sum() > 0
 
 
-PUBLISHED_CROSS_NET_KEYS = {                                                # spec section 10: checkpoints depend on these
+PUBLISHED_CROSS_NET_KEYS = {                                                # the published keys: released checkpoints depend on these
     'paper': ['aggr_net.scale', 'aggr_net.weight.0.bias', 'aggr_net.weight.0.weight', 'aggr_net.weight.1.bias',
               'aggr_net.weight.1.weight', 'aggr_net.weight.3.bias', 'aggr_net.weight.3.weight'],
     'improved': ['aggr_net.scale', 'aggr_net.weight.0.bias', 'aggr_net.weight.0.weight', 'aggr_net.weight.1.bias',

@@ -55,7 +55,7 @@ ENGINES = ('fast', 'reference')
 
 @dataclass
 class LapsConfig:
-    "All flags of a LAPS run (spec section 11), the backbone choices and execution settings."
+    "All flags of a LAPS run (the released code's names and defaults), the backbone choices and execution settings."
     # --- data
     data_path: str = 'data/'  # folder holding `<dataset>/{split}_caps.txt` etc.
     dataset: str = 'f30k'  # a registered dataset (laps.data.datasets): f30k | coco | synthetic | your own
@@ -63,7 +63,7 @@ class LapsConfig:
     coco_img_path: str | None = None  # COCO image folder (default: `<data_path>/coco/images`)
     img_path: str | None = None  # image folder of any dataset; wins over the dataset's own flag (default: `<data_path>/<dataset>/images`)
     img_res: int = 224  # input resolution of the vision backbone
-    size_augment: int = 1  # word-level caption augmentation during training (spec section 7)
+    size_augment: int = 1  # word-level caption augmentation during training (nbs/41_data.loaders.ipynb)
     max_word: int = 90  # captions are truncated to this many tokens, [CLS] and [SEP] included
     workers: int = 8  # data-loader worker processes
     pair_batches: int = 0  # 1: each training batch holds minimal-pair partners together: for every caption of an image, a caption of its partner (`train_minimal_pairs.json`) is in the same batch, so the hinge loss sees binding and relation contrasts
@@ -154,12 +154,12 @@ class LapsConfig:
 
     @property
     def n_kept(self) -> int:
-        "K: patches kept by LPS, ceil(N * sparse_ratio) (spec section 2)."
+        "K: patches kept by LPS, ceil(N * sparse_ratio) (the paper's Sec. 3, LPS)."
         return math.ceil(self.num_patches * self.sparse_ratio)
 
     @property
     def n_aggregated(self) -> int:
-        "N_s: tokens produced by SPA, int(N * aggr_ratio * sparse_ratio) (spec section 3)."
+        "N_s: tokens produced by SPA, int(N * aggr_ratio * sparse_ratio) (the paper's Sec. 3, SPA)."
         return int(self.num_patches * self.aggr_ratio * self.sparse_ratio)
 
     def to_dict(self) -> dict: return asdict(self)

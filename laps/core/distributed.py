@@ -58,6 +58,7 @@ def is_distributed() -> bool:
     "True inside an initialised process group of more than one process."
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+# %% ../../nbs/08_core.distributed.ipynb #ae316c63
 def _rank_device(device: str, local_rank: int) -> torch.device:
     "cuda:LOCAL_RANK for a CUDA run, else the CPU."
     kind = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else torch.device(device).type
@@ -102,6 +103,7 @@ def init_distributed(multi_gpu: bool | None = None,  # True: require torchrun; F
     else: dist.init_process_group('gloo', rank=env['rank'], world_size=env['world_size'])
     return DistInfo(env['rank'], env['world_size'], env['local_rank'], dev, True, True)
 
+# %% ../../nbs/08_core.distributed.ipynb #5abe9a40
 def cleanup_distributed(info: DistInfo) -> None:
     "Destroy the process group if `init_distributed` created it (after a `barrier` when every rank got there)."
     if info.owns_group and dist.is_initialized(): dist.destroy_process_group()

@@ -18,7 +18,7 @@ __all__ = ['BUILTIN_DATASETS', 'TrainAugmentation', 'EvalProtocol', 'DatasetSpec
 # %% ../../nbs/40_data.datasets.ipynb #ad0e06b3
 @dataclass(frozen=True)
 class TrainAugmentation:
-    "Image (and caption) augmentation of training images (spec section 7)."
+    "Image (and caption) augmentation of training images (nbs/41_data.loaders.ipynb)."
     crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction range of the random resized crop
     hflip: bool = True  # random horizontal flip with p = 0.5
     flip_words: tuple[tuple[str, str], ...] = ()  # word pairs swapped in the caption of a flipped image
@@ -33,7 +33,7 @@ class TrainAugmentation:
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    "How a split's similarity matrix is scored (spec section 9)."
+    "How a split's similarity matrix is scored (nbs/51_eval.metrics.ipynb)."
     fold_size: int | None = None  # None: one pass; F: plain keys = mean over consecutive folds of F images
     full_pass_prefix: str | None = None  # with folds: also score the whole split, keys prefixed (COCO: '5k_')
 
@@ -46,7 +46,7 @@ class EvalProtocol:
 # %% ../../nbs/40_data.datasets.ipynb #23a0fa7b
 @dataclass(frozen=True)
 class DatasetSpec:
-    "What the code needs to know about one dataset in the released caption-file layout (spec sections 6-9)."
+    "What the code needs to know about one dataset in the released caption-file layout."
     name: str  # registry name and folder under data_path: `<data_path>/<name>/{split}_caps.txt`
     captions_per_image: int = 5  # consecutive caption lines per image
     image_folder_flag: str | None = None  # LapsConfig field naming the image folder (e.g. 'f30k_img_path'), or None

@@ -61,6 +61,7 @@ def _read_lines(path: Path) -> list[str]:
     if lines and lines[-1] == '': lines = lines[:-1]
     return [l.rstrip('\r') for l in lines]
 
+# %% ../../nbs/41_data.loaders.ipynb #2c43d163
 def read_split(data_path, dataset: str, split: str,
                captions_per_image: int | None = None) -> CaptionSplit:  # None: the registered dataset's
     "Read and validate `<data_path>/<dataset>/{split}_caps.txt`, `{split}_ids.txt` and `id_mapping.json`."
@@ -199,7 +200,7 @@ def apply_train_params(img: Image.Image, box, flip: bool, img_res: int) -> torch
 
 def train_transform(img: Image.Image, img_res: int, generator: torch.Generator, scale=(0.6, 1.0),
                     ratio=(3 / 4, 4 / 3), hflip: bool = True) -> torch.Tensor:
-    "Training augmentation (spec section 7): random resized crop + horizontal flip -> (3, r, r)."
+    "Training augmentation (the released code's): random resized crop + horizontal flip -> (3, r, r)."
     return apply_train_params(img, *sample_train_params(*img.size, generator, scale, ratio, hflip), img_res)
 
 def eval_transform(img: Image.Image, img_res: int) -> torch.Tensor:
@@ -336,6 +337,7 @@ class TrainDataset(Dataset):
         return dict(image=apply_train_params(img, box, flip, self.img_res), input_ids=torch.tensor(ids),
                     caption_index=i, img_id=img_id)
 
+# %% ../../nbs/41_data.loaders.ipynb #cb7a52d3
 class ImageDataset(Dataset):
     "Evaluation images, each distinct image once, in split order: test-transformed (3, r, r), image id, index."
     def __init__(self, split: CaptionSplit, folder, img_res: int):

@@ -141,7 +141,7 @@ class PatchSelection:
 
 @torch.no_grad()
 def block_selection(im: ImageSide, cp: CaptionSide, n_keep: int) -> PatchSelection:
-    "Step 1 (spec section 2) for a block of pairs: every pair's scores, then `select_patches` in its 'weights' form."
+    "Step 1 (LPS, the paper's Sec. 3) for a block of pairs: every pair's scores, then `select_patches` in its 'weights' form."
     bv, N, C = im.X.shape
     score = (cp.g @ im.Xn.reshape(bv * N, C).T).view(cp.g.shape[0], bv, N).add_(im.s_img)   # (bt,bv,N)
     mask, w_ext = select_patches(None, score, n_keep, form='weights')
@@ -168,7 +168,7 @@ def pair_block(im: ImageSide, cp: CaptionSide, *, n_keep: int, method: Similarit
     bv, N, C = X.shape; bt, n_word_sets, L, _ = W.shape
     n_aggregated, n_cols = im.logits.shape[-1], n_word_sets * L           # N_s; word columns of a caption
     inplace = not torch.is_grad_enabled()
-    if sel is None: sel = block_selection(im, cp, n_keep)                  # LPS (spec section 2)
+    if sel is None: sel = block_selection(im, cp, n_keep)                  # LPS (nbs/11_model.lps.ipynb)
     mask, w_ext, mT = sel.mask, sel.w_ext, sel.mT
     mN = mask.permute(1, 2, 0)[..., None]                                  # view (bv,N,bt,1)
     Wf = W.reshape(bt * n_cols, C)

@@ -102,7 +102,7 @@ def train_or_reuse(cfg: LapsConfig, command: list[str], *, retrain: bool = False
 
 # %% ../../nbs/80_reports.runs.ipynb #baefb236
 RELEASED_FLAGS = dict(use_cls_as_glob_embd=0, use_token_selection=0, token_selection_ratio=1.0, similarity_calc_method='max',
-                      use_learnable_temp=0)  # the released LAPS's cross-modal flags (spec defaults)
+                      use_learnable_temp=0)  # the released LAPS's cross-modal flags (`LapsConfig`'s defaults)
 
 ABLATIONS: dict[str, dict] = {name: dict(RELEASED_FLAGS, **delta) for name, delta in {
     'global': dict(similarity_calc_method='global'),    # baseline: pooled embeddings, no patch-word alignment

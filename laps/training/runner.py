@@ -95,6 +95,7 @@ def _train_loader(cfg: LapsConfig, tokenizer, info: DistInfo):
                                  seed=cfg.seed, drop_last=True)
     return build_loader(loader.dataset, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=True), sampler
 
+# %% ../../nbs/61_training.runner.ipynb #4316c2a0
 @dataclass
 class Trainer:
     "What a run trains with (built by `prepare_training`); `train_epoch` runs one epoch step by step."
@@ -137,6 +138,7 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
             yield step, logs
 
+# %% ../../nbs/61_training.runner.ipynb #d2f8ea0e
 def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # default: one process on cfg's device
                      vision_backbone=None, text_backbone=None,
                      resume_from=None) -> Trainer:  # a checkpoint_last/ folder: its weights, optimizer and RNG states
@@ -160,6 +162,41 @@ def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # defaul
     return Trainer(cfg, info, tokenizer, loader, sampler, model, optimizer, wrap_ddp(model, info), make_alignment_loss(cfg),
                    resumed=state)
 
+# %% ../../nbs/61_training.runner.ipynb #e8fc5285
+def _validate(tr: Trainer, run_dir: Path, logger: RunLogger, epoch: int, step: int, best: dict, progress: bool) -> dict:
+    "Validate on `val_split`, log it, and save checkpoint_best/, metrics and sims when rsum beats `best`; returns the best so far."
+    cfg, model, info = tr.cfg, tr.model, tr.info
+    metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tr.tokenizer, progress=progress)  # sharded under torchrun
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith('minimal_pair_')}
+    if 'minimal_pairs' in metrics: scalars.update(minimal_pair_scalars(metrics['minimal_pairs']))  # mp_mean, mp_mean_<kind>, ...
+    logger.log(f'val_{cfg.val_split}', step, epoch=epoch, **scalars)
+    if metrics['rsum'] > best['best_rsum']:
+        best = dict(best_rsum=metrics['rsum'], best_metrics=dict(metrics, epoch=epoch, step=step))
+        if info.is_main:
+            save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=epoch, step=step, **best), save_rng=False)
+            write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best['best_metrics'])
+            if cfg.save_results: save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims, cfg.dataset, cfg.val_split)
+    model.train()
+    return best
+
+# %% ../../nbs/61_training.runner.ipynb #51a8360d
+def _run_epochs(tr: Trainer, run_dir: Path, logger: RunLogger, start_epoch: int, global_step: int, best: dict,
+                progress: bool) -> tuple[int, dict]:
+    "Train epochs `start_epoch..num_epochs-1`: log, validate, write checkpoint_last/ after each; returns (global step, best)."
+    cfg, info = tr.cfg, tr.info
+    for epoch in range(start_epoch, cfg.num_epochs):
+        for step, logs in tr.train_epoch(epoch, progress):
+            global_step += 1
+            if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=tr.lr, **logs)
+            if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0:
+                best = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
+        if cfg.eval: best = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
+        if info.is_main:
+            save_checkpoint(run_dir / 'checkpoint_last', tr.model, cfg, dict(epoch=epoch, step=global_step, **best),
+                            optimizer=tr.optimizer)
+    return global_step, best
+
+# %% ../../nbs/61_training.runner.ipynb #b8aeb994
 def train(cfg: LapsConfig, *, resume: bool = False, command: list[str] | None = None, progress: bool = True,
           vision_backbone=None, text_backbone=None) -> dict:
     "Train `cfg` in its run directory (one process per device under torchrun with --multi_gpu 1); returns the best validation metrics."
@@ -172,40 +209,15 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
     run_dir = on_main(info, prepare_run_dir, cfg, resume, command, world_size=info.world_size)  # only rank 0 writes
     tr = prepare_training(cfg, info, vision_backbone=vision_backbone, text_backbone=text_backbone,
                           resume_from=run_dir / 'checkpoint_last' if resume else None)
-    model, state = tr.model, tr.resumed or {}
+    state = tr.resumed or {}
     start_epoch, global_step = (state['epoch'] + 1, state['step']) if resume else (0, 0)
-    best_rsum, best_metrics = state.get('best_rsum', -math.inf), state.get('best_metrics', {})
+    best = dict(best_rsum=state.get('best_rsum', -math.inf), best_metrics=state.get('best_metrics', {}))
     logger = RunLogger(run_dir, enabled=info.is_main)
-
-    def validate(epoch):
-        nonlocal best_rsum, best_metrics
-        metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tr.tokenizer, progress=progress)  # sharded under torchrun
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith('minimal_pair_')}
-        if 'minimal_pairs' in metrics: scalars.update(minimal_pair_scalars(metrics['minimal_pairs']))  # mp_mean, mp_mean_<kind>, ...
-        logger.log(f'val_{cfg.val_split}', global_step, epoch=epoch, **scalars)
-        if metrics['rsum'] > best_rsum:
-            best_rsum, best_metrics = metrics['rsum'], dict(metrics, epoch=epoch, step=global_step)
-            if info.is_main:
-                save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=epoch, step=global_step, best_rsum=best_rsum,
-                                                                            best_metrics=best_metrics), save_rng=False)
-                write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best_metrics)
-                if cfg.save_results: save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims, cfg.dataset, cfg.val_split)
-        model.train()
-
     try:
-        for epoch in range(start_epoch, cfg.num_epochs):
-            for step, logs in tr.train_epoch(epoch, progress):
-                global_step += 1
-                if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=tr.lr, **logs)
-                if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0: validate(epoch)
-            if cfg.eval: validate(epoch)
-            if info.is_main:
-                save_checkpoint(run_dir / 'checkpoint_last', model, cfg,
-                                dict(epoch=epoch, step=global_step, best_rsum=best_rsum, best_metrics=best_metrics),
-                                optimizer=tr.optimizer)
+        global_step, best = _run_epochs(tr, run_dir, logger, start_epoch, global_step, best, progress)
         if not cfg.eval and info.is_main:                               # no validation: the last model is the best
-            save_checkpoint(run_dir / 'checkpoint_best', model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
+            save_checkpoint(run_dir / 'checkpoint_best', tr.model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
         barrier(info)                                                   # everything is written when any rank returns
     finally: logger.close()
-    return dict(run_dir=str(run_dir), best_rsum=best_rsum, best_metrics=best_metrics, steps=global_step,
+    return dict(run_dir=str(run_dir), best_rsum=best['best_rsum'], best_metrics=best['best_metrics'], steps=global_step,
                 is_main=info.is_main, world_size=info.world_size)
