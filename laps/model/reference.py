@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, as_model_config
 from ..core.registry import SIMILARITY_METHODS
 from .lps import split_cls, n_kept_patches, image_global, text_global, patch_scores, select_patches
 from .spa import TokenAggregation
@@ -25,9 +25,10 @@ def check_cap_lens(cap_embs: torch.Tensor, cap_lens) -> None:
 
 class ReferenceCrossNet(nn.Module):
     "The cross-modal network's parameters and its per-caption reference path: -> (B_v, B_t) similarities."
-    def __init__(self, cfg: LapsConfig,
+    def __init__(self, cfg: ModelConfig,  # (a LapsConfig: its .model)
                  num_prefix_tokens: int | None = None):  # tokens before the patches (None: perfect-square rule)
         super().__init__()
+        cfg = as_model_config(cfg)
         C = cfg.embed_size
         self.sparse_ratio, self.use_cls_as_glob = cfg.sparse_ratio, bool(cfg.use_cls_as_glob_embd)
         self.num_prefix_tokens = num_prefix_tokens
