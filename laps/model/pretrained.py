@@ -268,10 +268,13 @@ class LapsHubMixin(ModelHubMixin, library_name='laps', tags=list(CARD_TAGS)):
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
-                         token=None, map_location='cpu', cfg: ModelConfig | None = None, vision_backbone=None, text_backbone=None):
+                         token=None, map_location='cpu', cfg: ModelConfig | None = None, vision_backbone=None, text_backbone=None,
+                         engine: str | None = None):  # the cross-modal engine (an older folder's config.json names its run's)
         folder, root = Path(model_id), None
         if not folder.is_dir():
             folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                             force_download=force_download, local_files_only=local_files_only, token=token))
             if folder.parent.name == 'snapshots': root = folder.parents[1]  # its files link into the cached repo's blobs/
-        return load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone, root)
+        model = load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone, root)
+        if engine is not None: model.cross_net.engine = engine
+        return model

@@ -60,17 +60,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 def model_record(model: nn.Module, cfg, source=None) -> dict:
-    "What an index records of its model: source, fingerprint, the token-shaping config fields, token shape, global embedding."
+    "What an index records of its model: source, fingerprint, its `ModelConfig` (`cfg`, or a run's `cfg.model`), token shape, global embedding."
     n_prefix = model.img_enc.num_prefix_tokens
     return dict(source=None if source is None else str(source), fingerprint=model_fingerprint(model),
-                config={k: getattr(cfg, k) for k in MODEL_FIELDS},
+                config=getattr(cfg, 'model', cfg).to_dict(),
                 image_tokens=[n_prefix + cfg.num_patches, cfg.embed_size], caption_tokens=[cfg.max_word, cfg.embed_size],
                 global_embedding='global head' if model.has_global_head else 'mean-pooling fallback')
 
 def check_same_model(recorded: dict, current: dict, where) -> None:
     "Raise ValueError naming `where` (the index folder) unless the model `current` is the one `recorded` (config fields, token shapes, weights)."
     a, b = recorded['config'], current['config']
-    diff = [k for k in MODEL_FIELDS if a.get(k) != b.get(k)]
+    diff = [k for k in b if k in a and a[k] != b[k]]                   # an index from before ModelConfig recorded MODEL_FIELDS only
     if diff:
         raise ValueError(f"{where}: built with another config ({', '.join(f'{k}={a.get(k)!r}' for k in diff)}) than the "
                          f"model given ({', '.join(f'{k}={b.get(k)!r}' for k in diff)}); build an index with this model")
