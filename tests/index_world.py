@@ -47,4 +47,5 @@ def make_world(root: Path, data: Path) -> dict:
         runs[name] = root / name
         save_checkpoint(runs[name] / 'checkpoint_best', model, cfg, save_rng=False)
         (runs[name] / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train']}) + '\n')
+        (runs[name] / 'config.json').write_text(json.dumps(cfg.to_dict()))   # a run directory keeps its run's LapsConfig
     return dict(root=root, data=data, gallery=gallery, n_images=len(imgs), **runs)

@@ -11,7 +11,7 @@ from laps.checkpoint.run import save_checkpoint, load_checkpoint, load_any_check
 from laps.checkpoint.released import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
 from laps.core.rng import rng_states, restore_rng_states
 from laps.core.errors import CheckpointError
-from laps.core.config import LapsConfig
+from laps.core.config import LapsConfig, ModelConfig
 from laps.model.modeling import LAPSModel, unwrap_model
 
 FIX = Path(__file__).parent / 'fixtures'
@@ -53,7 +53,7 @@ def test_round_trip_identical_outputs(vision, tiny_bert, tmp_path, request):
     p = save_checkpoint(tmp_path / 'run' / 'checkpoint_best', model, trainer_state={'epoch': 2, 'step': 7, 'best_rsum': 99.5})
     loaded, cfg, state = load_checkpoint(p)
     assert torch.equal(_sims(loaded), _sims(model))
-    assert cfg == model.cfg.replace(vision_pretrained=False, text_pretrained=False)
+    assert cfg.model == loaded.cfg == model.cfg                              # the run's LapsConfig holds the saved ModelConfig
     assert (state['format'], state['epoch'], state['step'], state['best_rsum']) == ('laps', 2, 7, 99.5)
     assert json.loads((p / 'backbones.json').read_text())['vision']['model_type'] == ('vit' if vision == 'tiny_vit' else 'swin')
     assert not loaded.training
@@ -203,7 +203,7 @@ def test_save_pretrained_from_pretrained_offline(vision, tiny_bert, tmp_path, re
     model.save_pretrained(tmp_path / 'm')
     assert sorted(f.name for f in (tmp_path / 'm').iterdir()) == ['README.md', 'backbones.json', 'checksums.json', 'config.json',
                                                                   'model.safetensors']
-    assert LapsConfig.from_dict(json.loads((tmp_path / 'm' / 'config.json').read_text())) == model.cfg
+    assert ModelConfig.from_dict(json.loads((tmp_path / 'm' / 'config.json').read_text())) == model.cfg   # the model only
     _no_network(monkeypatch)
     loaded = LAPSModel.from_pretrained(tmp_path / 'm')
     assert isinstance(loaded, LAPSModel) and not loaded.training
@@ -478,7 +478,7 @@ def test_convert_checkpoint_gives_the_same_outputs(name, tmp_path, monkeypatch):
     ref, ref_cfg, _ = load_legacy_checkpoint(FIX / f'{name}.pth', **TINY[name])
     _no_network(monkeypatch)
     conv = LAPSModel.from_pretrained(out)                                    # no flags, no overrides
-    assert conv.cfg == ref_cfg
+    assert conv.cfg == ref_cfg.model
     with torch.no_grad():
         a = conv(T4_OUT['pixel_values'], T4_OUT['input_ids'])
         b = ref(T4_OUT['pixel_values'], T4_OUT['input_ids'])

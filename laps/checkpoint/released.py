@@ -157,6 +157,7 @@ def load_legacy_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = No
         if 'opt' not in raw: raise CheckpointError(f"{path}: has no 'opt' flags; pass cfg= to say which model it holds")
         try: cfg = config_from_opt(raw['opt'], vision_backbone, text_backbone, notes)
         except (TypeError, ValueError) as e: raise CheckpointError(f"{path}: its 'opt' flags are not a valid configuration: {e}") from e
+    cfg = cfg.replace(vision_pretrained=False, text_pretrained=False)   # the backbones' weights come from the .pth
     try: state_dict = convert_legacy_state_dict(raw['model'], dropped)
     except ValueError as e: raise CheckpointError(f"{path}: {e}") from e
     if dropped: notes.append(f"dropped {len(dropped)} transformers-4 buffer(s) that transformers 5 recomputes: "
@@ -170,7 +171,7 @@ def load_legacy_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = No
     info = {'format': 'legacy', 'path': str(path), 'dropped_keys': dropped, 'notes': notes,
             **{k: raw[k] for k in ('epoch', 'best_rsum', 'Eiters') if k in raw}}
     if 'Eiters' in raw: info['step'] = raw['Eiters']
-    return model, model.cfg, info
+    return model, cfg, info                                              # cfg: the run's flags, model.cfg its ModelConfig
 
 # %% ../../nbs/30_checkpoint.released.ipynb #01bde1e8
 CONVERT_WRITES = (*PRETRAINED_FILES, 'README.md', CHECKSUMS)   # all that `convert_checkpoint` writes into its folder

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..core.atomic import atomic_folder, with_backup, write_text_atomic
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, LapsConfig
 from ..core.rng import rng_states
 from ..core.errors import CheckpointError
 from ..model.pretrained import (write_pretrained, load_pretrained, read_json, config_from_json, model_card, backbone_from_dict,
@@ -18,7 +18,7 @@ from ..model.modeling import LAPSModel, unwrap_model
 from .released import load_legacy_checkpoint
 
 # %% auto #0
-__all__ = ['TRAINER_FILES', 'save_checkpoint', 'load_trainer_state', 'load_checkpoint', 'refresh_model_card',
+__all__ = ['TRAINER_FILES', 'save_checkpoint', 'load_trainer_state', 'run_config', 'load_checkpoint', 'refresh_model_card',
            'resolve_checkpoint', 'load_any_checkpoint']
 
 # %% ../../nbs/31_checkpoint.run.ipynb #19b4d09e
@@ -57,18 +57,31 @@ def _with_backup(path: Path) -> Path:
     found = with_backup(path)
     return found if found == path else model_file(path.parent, found.name)
 
+def run_config(path, model_cfg: ModelConfig) -> LapsConfig:
+    "The run configuration of checkpoint folder `path` around its `model_cfg`: the whole `LapsConfig` a folder saved before"
+    " the split, else its run directory's `config.json` (`<run>/checkpoint_best/`), else the defaults."
+    path, names = Path(path), set(LapsConfig.__dataclass_fields__)
+    conf = model_file(path, 'config.json')
+    saved = read_json(conf)
+    if not (set(saved) - set(ModelConfig.__dataclass_fields__)) & names and (path.parent / 'commands.jsonl').is_file():
+        conf = model_file(path.parent, 'config.json')                   # a run directory keeps its LapsConfig
+        saved = read_json(conf) if conf.is_file() else {}
+    try: return LapsConfig.from_model(model_cfg, **{k: v for k, v in saved.items() if k in names})
+    except (TypeError, ValueError) as e: raise CheckpointError(f"{conf}: invalid run configuration: {e}") from e
+
 def load_checkpoint(path, map_location='cpu', cfg: LapsConfig | None = None) -> tuple[LAPSModel, LapsConfig, dict]:
-    "Rebuild the model of a checkpoint folder offline and load its weights: (model, cfg, state)."
+    "Rebuild the model of a checkpoint folder offline and load its weights: (model, run cfg (`cfg` if given), state)."
     path = _with_backup(Path(path))
     model = load_pretrained(LAPSModel, path, map_location, cfg)          # verifies every file checksums.json records
-    return model, model.cfg, {'format': 'laps', 'path': str(path), **load_trainer_state(path, map_location)}
+    run = cfg if isinstance(cfg, LapsConfig) else run_config(path, model.cfg)
+    return model, run, {'format': 'laps', 'path': str(path), **load_trainer_state(path, map_location)}
 
 def refresh_model_card(path) -> Path | None:
     "Rewrite the README.md of a checkpoint folder in a run directory from its config, trainer state and the run's files."
     path = Path(path)
     if not (path.parent / 'commands.jsonl').is_file(): return None        # not in a run directory: the card stays
     conf, js, bb = (model_file(path, n) for n in ('config.json', 'trainer_state.json', 'backbones.json'))
-    cfg = config_from_json(read_json(conf), conf)
+    cfg = run_config(path, config_from_json(read_json(conf), conf))    # the card shows the run's data
     state = read_json(js) if js.is_file() else None
     try: backbones = {k: backbone_from_dict(v) for k, v in read_json(bb).items() if k in ('vision', 'text')}
     except (KeyError, TypeError, ValueError): backbones = None

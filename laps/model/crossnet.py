@@ -5,7 +5,7 @@
 # %% ../../nbs/17_model.crossnet.ipynb #bd15b92a
 from __future__ import annotations
 import torch
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, LapsConfig
 from .reference import ReferenceCrossNet, check_cap_lens
 from .engine import batched_forward, pairs_forward, check_pairs, DEFAULT_MEMORY_BUDGET
 
@@ -15,10 +15,12 @@ __all__ = ['CrossNet']
 # %% ../../nbs/17_model.crossnet.ipynb #6f8a4c82
 class CrossNet(ReferenceCrossNet):
     "Cross-modal alignment: image and caption token embeddings -> (B_v, B_t) similarities, by either engine."
-    def __init__(self, cfg: LapsConfig,
-                 num_prefix_tokens: int | None = None):  # tokens before the patches (None: perfect-square rule)
+    def __init__(self, cfg: ModelConfig,  # (a LapsConfig: its .model, and its engine unless `engine` is given)
+                 num_prefix_tokens: int | None = None,  # tokens before the patches (None: perfect-square rule)
+                 engine: str | None = None):  # fast | reference (None: a LapsConfig's `engine`, else fast)
         super().__init__(cfg, num_prefix_tokens)
-        self.engine, self.memory_budget = cfg.engine, DEFAULT_MEMORY_BUDGET
+        self.engine = engine if engine is not None else cfg.engine if isinstance(cfg, LapsConfig) else 'fast'
+        self.memory_budget = DEFAULT_MEMORY_BUDGET
 
     def fast_forward(self, img_embs, cap_embs, cap_lens, memory_budget: int | None = None, with_mask: bool = True):
         "The batched engine (`laps.model.engine`): -> sims (B_v, B_t) [, score_mask (B_t, B_v, N), None for a baseline]."

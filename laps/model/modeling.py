@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, LapsConfig, as_model_config
 from .encoders import ImageEncoder, TextEncoder, build_backbone, adapter_for
 from .crossnet import CrossNet
 from .global_head import GlobalHead, fallback_images, fallback_captions, global_sims
@@ -42,9 +42,11 @@ def freeze_text_layers(text: nn.Module, n_layers: int) -> None:
 # %% ../../nbs/21_model.modeling.ipynb #80cc694f
 class LAPSModel(nn.Module, LapsHubMixin):
     "Encoders + cross-modal network; `forward(pixel_values, input_ids)` gives the similarity matrix."
-    def __init__(self, cfg: LapsConfig, vision_backbone=None, text_backbone=None):
+    def __init__(self, cfg: ModelConfig, vision_backbone=None, text_backbone=None,
+                 engine: str | None = None):  # the cross-modal engine (None: a LapsConfig's `engine`, else fast)
         super().__init__()
-        self.cfg = cfg
+        engine = engine if engine is not None else cfg.engine if isinstance(cfg, LapsConfig) else 'fast'
+        self.cfg = cfg = as_model_config(cfg)                           # a run's LapsConfig: its model's part
         vision = vision_backbone if vision_backbone is not None else cfg.vision_backbone
         text = text_backbone if text_backbone is not None else cfg.bert_path
         vision = vision if isinstance(vision, nn.Module) else build_backbone(vision, cfg.vision_pretrained)
@@ -55,7 +57,7 @@ class LAPSModel(nn.Module, LapsHubMixin):
                              f"at img_res={cfg.img_res}; set num_patches={n}")
         self.img_enc = ImageEncoder(vision, cfg.embed_size)
         self.txt_enc = TextEncoder(text, cfg.embed_size)
-        self.cross_net = CrossNet(cfg, num_prefix_tokens=self.img_enc.num_prefix_tokens)
+        self.cross_net = CrossNet(cfg, num_prefix_tokens=self.img_enc.num_prefix_tokens, engine=engine)
         if cfg.glob_loss_weight > 0:                                    # weight 0: no head, the released model exactly
             self.glob_head = GlobalHead(cfg.embed_size, self.img_enc.num_prefix_tokens)
         keep_text_layers(self.txt_enc.bert, cfg.text_layers)

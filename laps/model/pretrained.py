@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file, load_file
 from transformers import PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, LapsConfig, as_model_config
 from .encoders import BUILTIN_CONFIGS, backbone_config
 from ..core.guards import contained, printable, verify_checksums, write_checksums
 from ..core.registry import SIMILARITY_METHODS
@@ -50,10 +50,10 @@ def _offline_config(spec, source) -> PretrainedConfig:
     raise CheckpointError(f"{source}: backbone {spec!r} is neither a built-in architecture ({', '.join(BUILTIN_CONFIGS)}) "
                           f"nor a local model folder, so the model cannot be rebuilt offline")
 
-def build_checked(model_cls, cfg: LapsConfig, vision, text, state_dict: dict, source, map_location='cpu') -> nn.Module:
+def build_checked(model_cls, cfg: ModelConfig, vision, text, state_dict: dict, source, map_location='cpu') -> nn.Module:
     "Check `state_dict` against a meta-device `model_cls(cfg, vision, text)`, then build the real one (random init) and load strictly."
-    cfg = cfg.replace(vision_pretrained=False, text_pretrained=False)
-    vision, text = _offline_config(vision, source), _offline_config(text, source)   # config objects: random init
+    vision, text = _offline_config(vision, source), _offline_config(text, source)   # config objects: random init, whatever
+                                                                     # `cfg`'s *_pretrained say (kept: they are the model's)
     try:
         with torch.device('meta'): probe = model_cls(cfg, vision, text)
     except ValueError as e: raise CheckpointError(f"{source}: cannot build the model: {e}") from e
@@ -82,21 +82,21 @@ def _arch(config: PretrainedConfig | None) -> str:
     layers = getattr(config, 'depths', None) or getattr(config, 'num_hidden_layers', None)
     return f"; architecture saved in `backbones.json`: {config.model_type}, layers {layers}, hidden size {getattr(config, 'hidden_size', '?')}"
 
-def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None,
+def model_card(cfg: ModelConfig | LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None,
                backbones: dict | None = None) -> str:  # {'vision': config, 'text': config}: the architectures actually saved
-    "A README.md model card: architecture, how to load, training command, data, commit and metrics when known."
-    backbones = backbones or {}
+    "A README.md model card: architecture, how to load, training command, data (a run's `LapsConfig`), commit and metrics when known."
+    backbones, val_split = backbones or {}, cfg.val_split if isinstance(cfg, LapsConfig) else 'validation'
     run_dir = Path(run_dir) if run_dir is not None else None
     commands = _read_jsonl(run_dir / 'commands.jsonl') if run_dir is not None else []
     metrics = []                                                        # (label, metrics dict)
     state = state or {}
     if isinstance(state.get('best_metrics'), dict) and state['best_metrics']:
         bm = state['best_metrics']
-        metrics.append((f"{cfg.val_split} (best so far: epoch {bm.get('epoch', '?')}, step {bm.get('step', '?')})", bm))
+        metrics.append((f"{val_split} (best so far: epoch {bm.get('epoch', '?')}, step {bm.get('step', '?')})", bm))
     if run_dir is not None:
         for f in sorted(run_dir.glob('metrics_*.json')):
             split = f.stem[len('metrics_'):]
-            if metrics and split == cfg.val_split: continue                # the trainer state's copy is the current one
+            if metrics and split == val_split: continue                # the trainer state's copy is the current one
             try: metrics.append((f"{split} (`{f.name}`)", json.loads(f.read_text())))
             except (OSError, ValueError): pass
     slims = SIMILARITY_METHODS.get(cfg.similarity_calc_method).slims_patches
@@ -107,8 +107,9 @@ def model_card(cfg: LapsConfig, run_dir=None, state: dict | None = None, source:
             ('similarity', f"`{cfg.similarity_calc_method}`"),
             ('patch slimming', f"sparse_ratio {cfg.sparse_ratio}, aggr_ratio {cfg.aggr_ratio} ({cfg.n_aggregated} aggregated patches)"
                                if slims else 'none (a baseline: the similarity aligns the whole embeddings)'),
-            ('token selection', 'yes' if cfg.use_token_selection and slims else 'no'),
-            ('data', f"dataset `{cfg.dataset}`, data_path `{cfg.data_path}`, best checkpoint chosen on `{cfg.val_split}`")]
+            ('token selection', 'yes' if cfg.use_token_selection and slims else 'no')]
+    if isinstance(cfg, LapsConfig):                                    # a model alone does not know its data
+        arch.append(('data', f"dataset `{cfg.dataset}`, data_path `{cfg.data_path}`, best checkpoint chosen on `{cfg.val_split}`"))
     lines = ['---', ModelCardData(library_name='laps', tags=list(CARD_TAGS)).to_yaml(), '---', '',
              '# LAPS image-text retrieval model', '',
              'A LAPS model (Linguistic-Aware Patch Slimming, CVPR 2024): a vision and a text transformer whose patch and '
@@ -180,10 +181,10 @@ def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
     return {k: (t.clone() if t.numel() and t.untyped_storage().data_ptr() in shared else t).contiguous().cpu()
             for k, t in out.items()}, aliases
 
-def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *, run_dir=None, state: dict | None = None,
+def write_pretrained(folder, model: nn.Module, cfg: ModelConfig | LapsConfig | None = None, *, run_dir=None, state: dict | None = None,
                      source: str | None = None,
                      checksummed=()) -> Path:  # further files already in `folder` that checksums.json covers (the trainer state)
-    "Write config.json, backbones.json, model.safetensors, README.md (model card) and, last, checksums.json into `folder`."
+    "Write config.json (the `ModelConfig`), backbones.json, model.safetensors, README.md (model card; a run's `cfg`: with its data) and, last, checksums.json into `folder`."
     folder = Path(folder)
     cfg = cfg if cfg is not None else model.cfg
     if run_dir is None and (folder.parent / 'commands.jsonl').is_file(): run_dir = folder.parent
@@ -191,7 +192,7 @@ def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *,
     backbones = {**CHECKPOINT_FORMAT, 'vision': backbone_to_dict(model.img_enc.visual_encoder.config),
                  'text': backbone_to_dict(model.txt_enc.bert.config)}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / 'config.json').write_text(cfg.to_json() + '\n')
+    (folder / 'config.json').write_text(as_model_config(cfg).to_json() + '\n')
     (folder / 'backbones.json').write_text(json.dumps(backbones, indent=2, sort_keys=True) + '\n')
     save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt', 'aliases': json.dumps(aliases)})
     (folder / 'README.md').write_text(model_card(cfg, run_dir, state, source, {'vision': model.img_enc.visual_encoder.config,
@@ -199,16 +200,16 @@ def write_pretrained(folder, model: nn.Module, cfg: LapsConfig | None = None, *,
     write_checksums(folder, [*PRETRAINED_FILES, *checksummed])           # last: an interrupted rewrite fails verification
     return folder
 
-def config_from_json(d: dict, source) -> LapsConfig:
-    "A `LapsConfig` from a folder's config.json dict (unknown fields ignored with a warning); `CheckpointError` naming `source`."
-    names = set(LapsConfig.__dataclass_fields__)
-    unknown = sorted(set(d) - names)
+def config_from_json(d: dict, source) -> ModelConfig:
+    "The `ModelConfig` of a folder's config.json dict (a whole `LapsConfig` before the split: its run fields are dropped; unknown fields ignored with a warning); `CheckpointError` naming `source`."
+    names = set(ModelConfig.__dataclass_fields__)
+    unknown = sorted(set(d) - names - set(LapsConfig.__dataclass_fields__))
     if unknown: logger.warning("%s: ignoring unknown config field(s) %s", source, printable(', '.join(map(str, unknown))))
-    try: return LapsConfig.from_dict({k: v for k, v in d.items() if k in names})
+    try: return ModelConfig.from_dict({k: v for k, v in d.items() if k in names})
     except (TypeError, ValueError) as e: raise CheckpointError(f"{source}: invalid configuration: {e}") from e
 
-def read_pretrained(folder, root=None) -> tuple[LapsConfig, PretrainedConfig, PretrainedConfig, dict]:
-    "(saved cfg, vision config, text config, state dict) of a folder: files inside `root` (default: the folder), checksums verified."
+def read_pretrained(folder, root=None) -> tuple[ModelConfig, PretrainedConfig, PretrainedConfig, dict]:
+    "(saved model config, vision config, text config, state dict) of a folder: files inside `root` (default: the folder), checksums verified."
     path = Path(folder)
     if not path.is_dir(): raise FileNotFoundError(f"checkpoint folder {path} does not exist")
     for name in PRETRAINED_FILES: model_file(path, name, root)            # no link out, checksums or not
@@ -229,7 +230,7 @@ def read_pretrained(folder, root=None) -> tuple[LapsConfig, PretrainedConfig, Pr
     state_dict.update({alias: state_dict[kept] for alias, kept in aliases.items()})
     return saved, vision, text, state_dict
 
-def load_pretrained(model_cls, folder, map_location='cpu', cfg: LapsConfig | None = None, vision_backbone=None,
+def load_pretrained(model_cls, folder, map_location='cpu', cfg: ModelConfig | None = None, vision_backbone=None,
                     text_backbone=None, root=None) -> nn.Module:
     "Rebuild `model_cls` from a folder offline and load its weights (eval mode, on `map_location`)."
     saved, vision, text, state_dict = read_pretrained(folder, root)
@@ -267,10 +268,13 @@ class LapsHubMixin(ModelHubMixin, library_name='laps', tags=list(CARD_TAGS)):
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision=None, cache_dir=None, force_download=False, local_files_only=False,
-                         token=None, map_location='cpu', cfg: LapsConfig | None = None, vision_backbone=None, text_backbone=None):
+                         token=None, map_location='cpu', cfg: ModelConfig | None = None, vision_backbone=None, text_backbone=None,
+                         engine: str | None = None):  # the cross-modal engine (an older folder's config.json names its run's)
         folder, root = Path(model_id), None
         if not folder.is_dir():
             folder = Path(snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                             force_download=force_download, local_files_only=local_files_only, token=token))
             if folder.parent.name == 'snapshots': root = folder.parents[1]  # its files link into the cached repo's blobs/
-        return load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone, root)
+        model = load_pretrained(cls, folder, map_location, cfg, vision_backbone, text_backbone, root)
+        if engine is not None: model.cross_net.engine = engine
+        return model

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, as_model_config
 from ..core.registry import SIMILARITY_METHODS
 from .lps import split_cls, n_kept_patches, image_global, text_global, patch_scores, select_patches
 from .spa import TokenAggregation
@@ -20,9 +20,10 @@ __all__ = ['CrossNetBase', 'check_cap_lens', 'ReferenceCrossNet']
 # %% ../../nbs/15_model.reference.ipynb #cd79201c
 class CrossNetBase(nn.Module):
     "The cross-modal network's sub-modules and settings under the published key names; the paths that use them subclass it."
-    def __init__(self, cfg: LapsConfig,
+    def __init__(self, cfg: ModelConfig,  # (a LapsConfig: its .model)
                  num_prefix_tokens: int | None = None):  # tokens before the patches (None: perfect-square rule)
         super().__init__()
+        cfg = as_model_config(cfg)
         C = cfg.embed_size
         self.sparse_ratio, self.use_cls_as_glob = cfg.sparse_ratio, bool(cfg.use_cls_as_glob_embd)
         self.num_prefix_tokens = num_prefix_tokens

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from ..core.config import LapsConfig
+from ..core.config import ModelConfig, as_model_config
 from ..core.registry import SIMILARITY_METHODS
 from .lps import image_global, text_globals
 
@@ -97,15 +97,15 @@ class SimilarityMethod:
     "One patch-word similarity: its parameters, the word sets it needs, its per-caption and block forms."
     name: str = ''  # the `similarity_calc_method` value it is registered under
     param_names: tuple[str, ...] = ()  # state-dict keys it owns, relative to `cross_net.` ('x.': module x)
-    config_fields: tuple[str, ...] = ()  # LapsConfig fields it reads
+    config_fields: tuple[str, ...] = ()  # ModelConfig fields it reads
     n_word_sets: int = 1  # caption-side word sets: the words T, then maps of T
     slims_patches: bool = True  # False: no LPS, SPA or text selection; it aligns its `whole_*_tokens`
 
-    def __init__(self, cfg: LapsConfig | None = None):  # None: LapsConfig's defaults
-        self.embed_size = (cfg or LapsConfig()).embed_size
+    def __init__(self, cfg: ModelConfig | None = None):  # None: ModelConfig's defaults (a LapsConfig: its .model)
+        self.embed_size = as_model_config(cfg).embed_size
 
     @classmethod
-    def legacy_defaults(cls, cfg: LapsConfig) -> dict[str, torch.Tensor]:
+    def legacy_defaults(cls, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         "Parameters (keys relative to `cross_net.`) that a published checkpoint may omit, with their values."
         return {}
 
@@ -190,9 +190,9 @@ class AttentionSimilarity(SimilarityMethod):
     config_fields = ('embed_size', 'use_learnable_temp')
     n_word_sets = 3
 
-    def __init__(self, cfg: LapsConfig | None = None):
+    def __init__(self, cfg: ModelConfig | None = None):
         super().__init__(cfg)
-        self.learnable_temp = bool((cfg or LapsConfig()).use_learnable_temp)
+        self.learnable_temp = bool(as_model_config(cfg).use_learnable_temp)
 
     @classmethod
     def legacy_defaults(cls, cfg):
@@ -224,9 +224,9 @@ class ThresholdSimilarity(SimilarityMethod):
     name = 'thres'
     config_fields = ('score_threshold',)
 
-    def __init__(self, cfg: LapsConfig | None = None):
+    def __init__(self, cfg: ModelConfig | None = None):
         super().__init__(cfg)
-        self.threshold = (cfg or LapsConfig()).score_threshold
+        self.threshold = as_model_config(cfg).score_threshold
 
     @property
     def discontinuities(self): return (self.threshold,)
@@ -245,9 +245,9 @@ class GlobalSimilarity(SimilarityMethod):
     config_fields = ('use_cls_as_glob_embd',)
     slims_patches = False
 
-    def __init__(self, cfg: LapsConfig | None = None):
+    def __init__(self, cfg: ModelConfig | None = None):
         super().__init__(cfg)
-        self.use_cls = bool((cfg or LapsConfig()).use_cls_as_glob_embd)
+        self.use_cls = bool(as_model_config(cfg).use_cls_as_glob_embd)
 
     @classmethod
     def aligned_tokens(cls, N, L, has_cls): return 1, 1                    # one pooled token a side

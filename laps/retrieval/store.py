@@ -16,21 +16,16 @@ from ..core.atomic import write_json_atomic, fsync_dir
 from ..core.guards import contained, file_checksums, verify_file, printable
 
 # %% auto #0
-__all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'IMAGE_SUFFIXES', 'EXACT_MAX', 'DEFAULT_RERANK', 'MODEL_FIELDS', 'MODEL_DIR',
-           'MODEL_NOTE', 'TOKENIZER_CONFIG', 'SEGMENT_NAME', 'FAISS_NAME', 'FAISS_TEMP', 'SEGMENT_FILES',
-           'MAX_JSON_BYTES', 'COLLECTIONS', 'VERIFY_LEVELS', 'model_fingerprint', 'model_record', 'check_same_model',
-           'is_whole', 'read_json', 'check_manifest', 'read_manifest', 'no_link', 'note', 'read_plan', 'SegmentWriter',
-           'Segment']
+__all__ = ['INDEX_FORMAT', 'INDEX_VERSION', 'IMAGE_SUFFIXES', 'EXACT_MAX', 'DEFAULT_RERANK', 'MODEL_DIR', 'MODEL_NOTE',
+           'TOKENIZER_CONFIG', 'SEGMENT_NAME', 'FAISS_NAME', 'FAISS_TEMP', 'SEGMENT_FILES', 'MAX_JSON_BYTES',
+           'COLLECTIONS', 'VERIFY_LEVELS', 'model_fingerprint', 'model_record', 'check_same_model', 'is_whole',
+           'read_json', 'check_manifest', 'read_manifest', 'no_link', 'note', 'read_plan', 'SegmentWriter', 'Segment']
 
 # %% ../../nbs/70_retrieval.store.ipynb #23d8fae0
 INDEX_FORMAT, INDEX_VERSION = 'laps-index', 1
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 EXACT_MAX = 50_000  # galleries up to this size get an exact (flat) FAISS index, larger ones HNSW
 DEFAULT_RERANK = 100  # candidates re-ranked by LAPS per query at least (k more when k is larger; see the README's two-stage figures)
-MODEL_FIELDS = ('vit_type', 'vision_backbone', 'bert_path', 'img_res', 'num_patches', 'embed_size', 'max_word',
-                'text_layers', 'sparse_ratio', 'aggr_ratio', 'use_cls_as_glob_embd', 'use_token_selection',
-                'token_selection_strategy', 'token_selection_ratio', 'similarity_calc_method', 'use_learnable_temp',
-                'score_threshold', 'glob_loss_weight')  # the config fields an index's tokens and scores depend on
 MODEL_DIR = 'model'  # the index's own copy of its model (a save_pretrained folder, with its tokenizer), loaded by default
 MODEL_NOTE = "- saved by `laps index` into this index"  # the model card line that marks a `model/` folder as an index's own
 TOKENIZER_CONFIG = 'tokenizer_config.json'  # present in `model/` when the index carries its tokenizer
@@ -51,17 +46,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 def model_record(model: nn.Module, cfg, source=None) -> dict:
-    "What an index records of its model: source, fingerprint, the token-shaping config fields, token shape, global embedding."
+    "What an index records of its model: source, fingerprint, its `ModelConfig` (`cfg`, or a run's `cfg.model`), token shape, global embedding."
     n_prefix = model.img_enc.num_prefix_tokens
     return dict(source=None if source is None else str(source), fingerprint=model_fingerprint(model),
-                config={k: getattr(cfg, k) for k in MODEL_FIELDS},
+                config=getattr(cfg, 'model', cfg).to_dict(),
                 image_tokens=[n_prefix + cfg.num_patches, cfg.embed_size], caption_tokens=[cfg.max_word, cfg.embed_size],
                 global_embedding='global head' if model.has_global_head else 'mean-pooling fallback')
 
 def check_same_model(recorded: dict, current: dict, where) -> None:
     "Raise ValueError naming `where` (the index folder) unless the model `current` is the one `recorded` (config fields, token shapes, weights)."
     a, b = recorded['config'], current['config']
-    diff = [k for k in MODEL_FIELDS if a.get(k) != b.get(k)]
+    diff = [k for k in b if k in a and a[k] != b[k]]                   # an index from before ModelConfig recorded 18 of its fields
     if diff:
         raise ValueError(f"{where}: built with another config ({', '.join(f'{k}={a.get(k)!r}' for k in diff)}) than the "
                          f"model given ({', '.join(f'{k}={b.get(k)!r}' for k in diff)}); build an index with this model")

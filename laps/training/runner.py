@@ -151,7 +151,7 @@ def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # defaul
         raise ValueError(f"the train split has fewer captions than --batch_size {cfg.batch_size}"
                          + (f" x {info.world_size} processes" if info.distributed else ''))
     if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), image_folder(cfg))
-    model = LAPSModel(cfg, vision_backbone, text_backbone).to(info.device)  # the same initial weights on every rank
+    model = LAPSModel(cfg.model, vision_backbone, text_backbone, engine=cfg.engine).to(info.device)  # the same initial weights on every rank
     optimizer = optimizer_for(model, cfg)
     state = None
     if resume_from is not None:
