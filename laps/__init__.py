@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 import importlib as _importlib
 
 _API = {
-    'laps.core.config': ('LapsConfig', 'get_config', 'PRESETS'),
+    'laps.core.config': ('LapsConfig', 'ModelConfig', 'get_config', 'PRESETS'),
     'laps.model.encoders': ('build_backbone',),
     'laps.model.crossnet': ('CrossNet',),
     'laps.model.modeling': ('LAPSModel',),

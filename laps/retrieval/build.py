@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from ..core.atomic import write_json_atomic, fsync_dir, fsync_file, atomic_folder
+from ..core.atomic import write_json_atomic, fsync_file, atomic_folder
 from ..data.loaders import load_image, eval_transform, load_tokenizer, encode_caption, read_split
 from ..data.datasets import image_folder
 from ..core.distributed import DistInfo, barrier, on_main

@@ -4,7 +4,6 @@
 
 # %% ../../nbs/71_retrieval.faiss_index.ipynb #5dc180ba
 from __future__ import annotations
-from pathlib import Path
 import numpy as np
 from ..core.guards import contained, verify_file
 from .store import EXACT_MAX
