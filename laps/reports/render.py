@@ -101,7 +101,7 @@ def write_index(out_dir=DEFAULT_OUT_DIR) -> Path:
         parts.append('')
     return write_text_atomic(out_dir / 'README.md', '\n'.join(parts) + '\n')
 
-# %% ../../nbs/83_reports.render.ipynb #44c7084d
+# %% ../../nbs/83_reports.render.ipynb #795259de
 def notebook_parameters(name: str, root=None) -> dict:
     "{parameter: default expression} of a report's `parameters` cell."
     import papermill as pm
@@ -133,6 +133,7 @@ def resolve_params(name: str, params: dict | None = None, quick: bool = False, o
     out['report_command'] = report_command(name, {k: v for k, v in params.items() if k != 'out_dir'}, quick, out_dir)
     return out
 
+# %% ../../nbs/83_reports.render.ipynb #293b69c0
 def run_report(name: str, params: dict | None = None, quick: bool = False, out_dir=None, root=None,
                log_output: bool = False, index: bool = True) -> Path:
     "Execute report `name` with papermill into `<out_dir>/NN_name.ipynb` (atomically); returns its path."

@@ -95,7 +95,7 @@ def shortlist_recall(index: Index, queries: list[str], k: int) -> float:
         shares.append(len(np.intersect1d(ids[0], exact)) / k)
     return float(np.mean(shares))
 
-# %% ../../nbs/79_retrieval.bench.ipynb #8325c89c
+# %% ../../nbs/79_retrieval.bench.ipynb #3dd2c216
 def _load(run, device='cpu'):
     from laps.checkpoint.run import load_any_checkpoint
     model, cfg, _ = load_any_checkpoint(run)
@@ -121,6 +121,7 @@ def _child(args: dict) -> dict:
     if r.returncode != 0: raise RuntimeError(f"laps bench --index: the {args['what']} process failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
+# %% ../../nbs/79_retrieval.bench.ipynb #5fd47d46
 def prepare_base(run, work, split: str = 'test', data_path=None, n_queries: int = 200, progress: bool = True) -> dict:
     "Encode the split's images once (the replication base) and keep its first captions as queries, in `work`."
     model, cfg = _load(run)
@@ -153,6 +154,7 @@ def run_index_bench(run, sizes=(10_000, 20_000, 50_000, 100_000), *, split: str 
     return dict(setup=dict(setup, run=str(run), k=k, rerank=rerank, noise=noise, seed=seed, threads=threads,
                            source='encoded tokens replicated with noise'), rows=rows)
 
+# %% ../../nbs/79_retrieval.bench.ipynb #b5c4d308
 def format_index_bench_row(r: dict) -> str:
     return (f"{r['n']:>8,d} images  {r['faiss']:5s} build {r['build_s']:6.1f} s  disk {r['disk_mb']:7.1f} MiB  "
             f"query median {r['median_ms']:6.1f} ms (p90 {r['p90_ms']:6.1f}, shortlist only {r['shortlist_only_median_ms']:5.1f}; "
