@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from .store import SegmentWriter, model_record, EXACT_MAX, DEFAULT_RERANK, read_manifest
-from .build import build_index, commit_segments, encode_caption_batch
+from .build import commit_segments, encode_caption_batch
 from .search import Index, Collection
 from ..data.loaders import load_tokenizer, build_eval_loaders
 from ..eval.evaluate import encode_image_set
@@ -115,8 +115,8 @@ def child_main(argv: list[str]) -> None:
         print(json.dumps(measure_search(model, cfg, a['out'], queries, a['k'], a['rerank'])))
 
 def _child(args: dict) -> dict:
-    code = f"import sys; from laps.retrieval.bench import child_main; child_main(sys.argv[1:])"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')]))
+    code = "import sys; from laps.retrieval.bench import child_main; child_main(sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get('PYTHONPATH', '')]))
     r = subprocess.run([sys.executable, '-c', code, json.dumps(args)], capture_output=True, text=True, env=env)
     if r.returncode != 0: raise RuntimeError(f"laps bench --index: the {args['what']} process failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
