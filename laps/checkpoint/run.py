@@ -21,7 +21,7 @@ from .released import load_legacy_checkpoint
 __all__ = ['TRAINER_FILES', 'save_checkpoint', 'load_trainer_state', 'run_config', 'load_checkpoint', 'refresh_model_card',
            'resolve_checkpoint', 'load_any_checkpoint']
 
-# %% ../../nbs/31_checkpoint.run.ipynb #19b4d09e
+# %% ../../nbs/31_checkpoint.run.ipynb #14d4f3df
 TRAINER_FILES = ('trainer_state.json', 'trainer_state.pt')
 
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
@@ -52,6 +52,7 @@ def load_trainer_state(path, map_location='cpu') -> dict:
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from e
     return state
 
+# %% ../../nbs/31_checkpoint.run.ipynb #0699021e
 def _with_backup(path: Path) -> Path:
     "`laps.core.atomic.with_backup`, refusing a backup that is a symbolic link out of the folder that holds `path`."
     found = with_backup(path)

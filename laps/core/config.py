@@ -49,7 +49,7 @@ def _check_ranges(cfg) -> None:
     if not re.fullmatch(r'auto|cpu|mps|cuda(:\d+)?', cfg.device):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
 
-# %% ../../nbs/01_core.config.ipynb #b7d2c1a1
+# %% ../../nbs/01_core.config.ipynb #0d54e041
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
 LOSSES = ('vse', 'trip')
 ENGINES = ('fast', 'reference')
@@ -74,6 +74,7 @@ class _Serialised:
         "A validated copy with `changes` applied."
         return self.from_dict({**self.to_dict(), **changes})
 
+# %% ../../nbs/01_core.config.ipynb #728c610d
 @dataclass
 class ModelConfig(_Serialised):
     "What a LAPS model is (backbones, sizes, ratios, similarity, token selection, global head): all `from_pretrained` needs."
@@ -119,7 +120,6 @@ class ModelConfig(_Serialised):
         "N_s: tokens produced by SPA, int(N * aggr_ratio * sparse_ratio) (the paper's Sec. 3, SPA)."
         return int(self.num_patches * self.aggr_ratio * self.sparse_ratio)
 
-
 # %% ../../nbs/01_core.config.ipynb #b7d2c1a3
 def _check_model(cfg: ModelConfig) -> None:
     "ValueError naming the first architecture field of `cfg` with a value the model cannot be built with."
@@ -159,9 +159,40 @@ def default_vision_backbone(vit_type: str) -> str:
     return name
 
 
-# %% ../../nbs/01_core.config.ipynb #ab8d328b
+# %% ../../nbs/01_core.config.ipynb #617e3bfb
+def _check_run(cfg) -> None:
+    "ValueError naming the first run field of `cfg` (dataset, loss, engine, 0/1 flags, sizes) that a run cannot use."
+    DATASETS.check('dataset', cfg.dataset)
+    _check_choice('loss', cfg.loss, LOSSES)
+    _check_choice('engine', cfg.engine, ENGINES)
+    for name in ('size_augment', 'pair_batches', 'multi_gpu', 'eval', 'save_results'):
+        if getattr(cfg, name) not in (0, 1, True, False):
+            raise ValueError(f"{name} must be 0 or 1, got {getattr(cfg, name)!r}")
+    for name in ('batch_size', 'shard_size'):
+        if getattr(cfg, name) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+
+# %% ../../nbs/01_core.config.ipynb #0c8a8628
+class _HoldsModel:
+    "The model part of a flat run configuration: `model`, `from_model`, K and N_s."
+    @property
+    def model(self) -> ModelConfig:
+        "The configuration of this run's model: its `ModelConfig` fields, validated."
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+    @classmethod
+    def from_model(cls, model: ModelConfig, **run) -> 'LapsConfig':
+        "A run configuration around `model`: `run`'s fields (defaults where not given), `model`'s architecture."
+        return cls.from_dict({**run, **model.to_dict()})
+
+    @property
+    def n_kept(self) -> int: return self.model.n_kept  # K, as `ModelConfig.n_kept`
+
+    @property
+    def n_aggregated(self) -> int: return self.model.n_aggregated  # N_s, as `ModelConfig.n_aggregated`
+
+# %% ../../nbs/01_core.config.ipynb #1ff7cd0e
 @dataclass
-class LapsConfig(_Serialised):
+class LapsConfig(_Serialised, _HoldsModel):
     "All flags of a LAPS run (the released code's names and defaults), flat: the run's own (data, schedule, logging, devices, evaluation) and its model's (`.model`)."
     # --- data
     data_path: str = 'data/'  # folder holding `<dataset>/{split}_caps.txt` etc.
@@ -231,39 +262,16 @@ class LapsConfig(_Serialised):
         _check_types(self)                                                # every field, naming it: values come from files too
         _check_ranges(self)
         self.vision_backbone = self.model.vision_backbone                 # the architecture's checks; the default backbone
-        DATASETS.check('dataset', self.dataset)
-        _check_choice('loss', self.loss, LOSSES)
-        _check_choice('engine', self.engine, ENGINES)
-        for name in ('size_augment', 'pair_batches', 'multi_gpu', 'eval', 'save_results'):
-            if getattr(self, name) not in (0, 1, True, False):
-                raise ValueError(f"{name} must be 0 or 1, got {getattr(self, name)!r}")
-        for name in ('batch_size', 'shard_size'):
-            if getattr(self, name) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        _check_run(self)
         self.lr_schedules = [int(e) for e in self.lr_schedules]
 
-    @property
-    def model(self) -> ModelConfig:
-        "The configuration of this run's model: its `ModelConfig` fields, validated."
-        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
-
-    @classmethod
-    def from_model(cls, model: ModelConfig, **run) -> 'LapsConfig':
-        "A run configuration around `model`: `run`'s fields (defaults where not given), `model`'s architecture."
-        return cls.from_dict({**run, **model.to_dict()})
-
-    @property
-    def n_kept(self) -> int: return self.model.n_kept  # K, as `ModelConfig.n_kept`
-
-    @property
-    def n_aggregated(self) -> int: return self.model.n_aggregated  # N_s, as `ModelConfig.n_aggregated`
-
+# %% ../../nbs/01_core.config.ipynb #e122b555
 def as_model_config(cfg: ModelConfig | LapsConfig | None) -> ModelConfig:
     "`cfg` itself, a run configuration's `.model`, or the defaults for None: what the model classes are built from."
     if cfg is None: return ModelConfig()
     if isinstance(cfg, LapsConfig): return cfg.model
     if isinstance(cfg, ModelConfig): return cfg
     raise TypeError(f"a model is built from a ModelConfig (or a LapsConfig holding one), got {type(cfg).__name__}")
-
 
 # %% ../../nbs/01_core.config.ipynb #864ed677
 PRESETS: dict[str, dict[str, Any]] = {

@@ -39,7 +39,20 @@ def freeze_text_layers(text: nn.Module, n_layers: int) -> None:
     for module in frozen_text_modules(text, n_layers):
         for p in module.parameters(): p.requires_grad_(False)
 
-# %% ../../nbs/21_model.modeling.ipynb #80cc694f
+# %% ../../nbs/21_model.modeling.ipynb #75f27898
+def _backbones(cfg: ModelConfig, vision_backbone=None, text_backbone=None) -> tuple[nn.Module, nn.Module]:
+    "The (vision, text) backbones of a model of `cfg`: modules as given, else built from the given (or `cfg`'s) config, name or folder."
+    vision = vision_backbone if vision_backbone is not None else cfg.vision_backbone
+    text = text_backbone if text_backbone is not None else cfg.bert_path
+    vision = vision if isinstance(vision, nn.Module) else build_backbone(vision, cfg.vision_pretrained)
+    text = text if isinstance(text, nn.Module) else build_backbone(text, cfg.text_pretrained)
+    n = adapter_for(vision).num_patches(vision.config, cfg.img_res)
+    if n != cfg.num_patches:
+        raise ValueError(f"num_patches={cfg.num_patches}, but the vision backbone gives {n} spatial patches "
+                         f"at img_res={cfg.img_res}; set num_patches={n}")
+    return vision, text
+
+# %% ../../nbs/21_model.modeling.ipynb #15e07005
 class LAPSModel(nn.Module, LapsHubMixin):
     "Encoders + cross-modal network; `forward(pixel_values, input_ids)` gives the similarity matrix."
     def __init__(self, cfg: ModelConfig, vision_backbone=None, text_backbone=None,
@@ -47,14 +60,7 @@ class LAPSModel(nn.Module, LapsHubMixin):
         super().__init__()
         engine = engine if engine is not None else cfg.engine if isinstance(cfg, LapsConfig) else 'fast'
         self.cfg = cfg = as_model_config(cfg)                           # a run's LapsConfig: its model's part
-        vision = vision_backbone if vision_backbone is not None else cfg.vision_backbone
-        text = text_backbone if text_backbone is not None else cfg.bert_path
-        vision = vision if isinstance(vision, nn.Module) else build_backbone(vision, cfg.vision_pretrained)
-        text = text if isinstance(text, nn.Module) else build_backbone(text, cfg.text_pretrained)
-        n = adapter_for(vision).num_patches(vision.config, cfg.img_res)
-        if n != cfg.num_patches:
-            raise ValueError(f"num_patches={cfg.num_patches}, but the vision backbone gives {n} spatial patches "
-                             f"at img_res={cfg.img_res}; set num_patches={n}")
+        vision, text = _backbones(cfg, vision_backbone, text_backbone)
         self.img_enc = ImageEncoder(vision, cfg.embed_size)
         self.txt_enc = TextEncoder(text, cfg.embed_size)
         self.cross_net = CrossNet(cfg, num_prefix_tokens=self.img_enc.num_prefix_tokens, engine=engine)
@@ -72,7 +78,6 @@ class LAPSModel(nn.Module, LapsHubMixin):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         "(B, 3, r, r) -> image token embeddings (B, P + N, C), P = the vision adapter's prefix tokens."
         return self.img_enc(pixel_values)
-
     def encode_captions(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "(B, L) ids padded with the text backbone's pad id -> token embeddings (B, L, C) and lengths n_word (B,)."
         return self.txt_enc(input_ids), (input_ids != self.txt_enc.pad_token_id).sum(dim=1)
@@ -84,7 +89,6 @@ class LAPSModel(nn.Module, LapsHubMixin):
         "Image tokens (B, T, C) -> unit shortlist embeddings (B, C): the global head's, else the mean-pooling fallback."
         if self.has_global_head: return self.glob_head.embed_images(img_embs)
         return fallback_images(img_embs, self.img_enc.num_prefix_tokens)
-
     def global_captions(self, cap_embs: torch.Tensor, cap_lens: torch.Tensor) -> torch.Tensor:
         "Caption tokens (B, L, C) and lengths (B,) -> unit shortlist embeddings (B, C), as `global_images`."
         if self.has_global_head: return self.glob_head.embed_captions(cap_embs, cap_lens)

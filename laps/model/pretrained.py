@@ -62,7 +62,7 @@ def build_checked(model_cls, cfg: ModelConfig, vision, text, state_dict: dict, s
     model.load_state_dict(state_dict, strict=True)
     return model.to(map_location).eval()
 
-# %% ../../nbs/19_model.pretrained.ipynb #5e8ec49e
+# %% ../../nbs/19_model.pretrained.ipynb #dc8764f4
 CARD_TAGS = ['laps', 'image-text-retrieval', 'cross-modal-retrieval', 'pytorch']
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -82,14 +82,10 @@ def _arch(config: PretrainedConfig | None) -> str:
     layers = getattr(config, 'depths', None) or getattr(config, 'num_hidden_layers', None)
     return f"; architecture saved in `backbones.json`: {config.model_type}, layers {layers}, hidden size {getattr(config, 'hidden_size', '?')}"
 
-def model_card(cfg: ModelConfig | LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None,
-               backbones: dict | None = None) -> str:  # {'vision': config, 'text': config}: the architectures actually saved
-    "A README.md model card: architecture, how to load, training command, data (a run's `LapsConfig`), commit and metrics when known."
-    backbones, val_split = backbones or {}, cfg.val_split if isinstance(cfg, LapsConfig) else 'validation'
-    run_dir = Path(run_dir) if run_dir is not None else None
-    commands = _read_jsonl(run_dir / 'commands.jsonl') if run_dir is not None else []
-    metrics = []                                                        # (label, metrics dict)
-    state = state or {}
+# %% ../../nbs/19_model.pretrained.ipynb #8153f0e8
+def _card_metrics(run_dir: Path | None, state: dict, val_split: str) -> list[tuple[str, dict]]:
+    "(label, metrics dict) for the card: the trainer state's best `val_split` metrics, then the run's `metrics_<split>.json` files."
+    metrics = []
     if isinstance(state.get('best_metrics'), dict) and state['best_metrics']:
         bm = state['best_metrics']
         metrics.append((f"{val_split} (best so far: epoch {bm.get('epoch', '?')}, step {bm.get('step', '?')})", bm))
@@ -99,6 +95,17 @@ def model_card(cfg: ModelConfig | LapsConfig, run_dir=None, state: dict | None =
             if metrics and split == val_split: continue                # the trainer state's copy is the current one
             try: metrics.append((f"{split} (`{f.name}`)", json.loads(f.read_text())))
             except (OSError, ValueError): pass
+    return metrics
+
+# %% ../../nbs/19_model.pretrained.ipynb #5e5856e3
+def model_card(cfg: ModelConfig | LapsConfig, run_dir=None, state: dict | None = None, source: str | None = None,
+               backbones: dict | None = None) -> str:  # {'vision': config, 'text': config}: the architectures actually saved
+    "A README.md model card: architecture, how to load, training command, data (a run's `LapsConfig`), commit and metrics when known."
+    backbones, val_split = backbones or {}, cfg.val_split if isinstance(cfg, LapsConfig) else 'validation'
+    run_dir = Path(run_dir) if run_dir is not None else None
+    commands = _read_jsonl(run_dir / 'commands.jsonl') if run_dir is not None else []
+    state = state or {}
+    metrics = _card_metrics(run_dir, state, val_split)                 # (label, metrics dict)
     slims = SIMILARITY_METHODS.get(cfg.similarity_calc_method).slims_patches
     arch = [('vision backbone', f"`{cfg.vision_backbone}` ({cfg.vit_type}, {cfg.num_patches} patches at {cfg.img_res} px"
                                 f"{_arch(backbones.get('vision'))})"),
@@ -165,7 +172,7 @@ def check_finite(state_dict: dict, source) -> None:
             raise CheckpointError(f"{source}: non-finite values (NaN or inf) in tensor {k}: the file is corrupt or was "
                                   f"saved from a diverged run")
 
-# %% ../../nbs/19_model.pretrained.ipynb #4e52a3d4
+# %% ../../nbs/19_model.pretrained.ipynb #bb5b5ad9
 CHECKPOINT_FORMAT = {'format': 'laps-checkpoint', 'version': 1}
 
 def _dedupe_shared(state_dict: dict) -> tuple[dict, dict]:
@@ -200,6 +207,7 @@ def write_pretrained(folder, model: nn.Module, cfg: ModelConfig | LapsConfig | N
     write_checksums(folder, [*PRETRAINED_FILES, *checksummed])           # last: an interrupted rewrite fails verification
     return folder
 
+# %% ../../nbs/19_model.pretrained.ipynb #cdd266a7
 def config_from_json(d: dict, source) -> ModelConfig:
     "The `ModelConfig` of a folder's config.json dict (a whole `LapsConfig` before the split: its run fields are dropped; unknown fields ignored with a warning); `CheckpointError` naming `source`."
     names = set(ModelConfig.__dataclass_fields__)

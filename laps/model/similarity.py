@@ -92,7 +92,22 @@ def _max_over_parts(parts: list, wmask: torch.Tensor) -> torch.Tensor:
         i2t = i2t + F.leaky_relu(top, 0.1).sum(1)
     return t2i + i2t / sum(p.shape[1] for p in parts)
 
-# %% ../../nbs/14_model.similarity.ipynb #e7669c21
+# %% ../../nbs/14_model.similarity.ipynb #41a6ecd9
+def _check_owned(method, made: dict) -> dict:
+    "`made`, a method's fresh parameters, if their names are its `param_names` ('x.' for a module x); else a ValueError naming both."
+    keys = {k + '.' if isinstance(v, nn.Module) else k for k, v in made.items()}
+    if keys != set(method.param_names):
+        raise ValueError(f"similarity method {method.name!r}: make_parameters() gives {sorted(keys)}, "
+                         f"but param_names declares {sorted(method.param_names)}")
+    return made
+
+def _cos_block(parts: list[torch.Tensor], wmask: torch.Tensor, n_word_sets: int) -> torch.Tensor:
+    "The engine's cosines split along image tokens, parts [(bv, m, bt, ns*L)], valid words (bt, L) -> (ns, bv, bt, L, M)."
+    bv, (bt, L) = parts[0].shape[0], wmask.shape
+    cos = torch.cat(parts, 1)
+    return cos.view(bv, cos.shape[1], bt, n_word_sets, L).permute(3, 0, 2, 4, 1)   # (ns,bv,bt,L,M); bv may be 0
+
+# %% ../../nbs/14_model.similarity.ipynb #3e954c35
 class SimilarityMethod:
     "One patch-word similarity: its parameters, the word sets it needs, its per-caption and block forms."
     name: str = ''  # the `similarity_calc_method` value it is registered under
@@ -108,12 +123,10 @@ class SimilarityMethod:
     def legacy_defaults(cls, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         "Parameters (keys relative to `cross_net.`) that a published checkpoint may omit, with their values."
         return {}
-
     @classmethod
     def caption_macs(cls, L: float, C: int) -> float:
         "Multiply-adds per caption of `L` words to build the word sets beyond the first."
         return 0.0
-
     @classmethod
     def aligned_tokens(cls, N: int, L: float, has_cls: bool) -> tuple[float, float]:
         "Image and caption tokens per pair that a method that does not slim aligns, from N patches and L words."
@@ -125,15 +138,9 @@ class SimilarityMethod:
     def make_parameters(self) -> dict[str, nn.Module | nn.Parameter]:
         "Fresh parameters, by attribute name."
         return {}
-
     def owned_parameters(self) -> dict[str, nn.Module | nn.Parameter]:
         "`make_parameters()`, checked against `param_names`."
-        made = self.make_parameters()
-        keys = {k + '.' if isinstance(v, nn.Module) else k for k, v in made.items()}
-        if keys != set(self.param_names):
-            raise ValueError(f"similarity method {self.name!r}: make_parameters() gives {sorted(keys)}, "
-                             f"but param_names declares {sorted(self.param_names)}")
-        return made
+        return _check_owned(self, self.make_parameters())
 
     def word_sets(self, params: dict, words: torch.Tensor) -> list[torch.Tensor]:
         "words (..., L, C) -> `n_word_sets` tensors (..., L, C), the words first."
@@ -142,7 +149,6 @@ class SimilarityMethod:
     def whole_image_tokens(self, params: dict, img_cls: torch.Tensor | None, patches: torch.Tensor) -> torch.Tensor:
         "Methods that do not slim: [CLS] (B_v, 1, C) or None, patches (B_v, N, C) -> the unnormalised tokens they align (B_v, M, C)."
         return patches if img_cls is None else torch.cat([img_cls, patches], 1)
-
     def whole_caption_tokens(self, params: dict, cap_embs: torch.Tensor,
                              lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Methods that do not slim: zero-padded cap_embs (B_t, L, C), lens (B_t,) -> the tokens they align (B_t, L', C), lens (B_t,)."
@@ -151,20 +157,17 @@ class SimilarityMethod:
     def reference(self, params: dict, words: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         "One caption's words (L, C) vs all images' tokens (B_v, M, C) -> (B_v,)."
         raise NotImplementedError(f"similarity method {self.name!r} has no reference form")
-
     def block(self, params: dict, cos: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
         "Cosines (ns, bv, bt, L, M) of every word set with every image token, valid words (bt, L) -> (bv, bt)."
         raise NotImplementedError(f"similarity method {self.name!r} has no block form")
 
     def block_parts(self, params: dict, parts: list[torch.Tensor], wmask: torch.Tensor) -> torch.Tensor:
         "The block form from the engine's cosines split along image tokens, parts [(bv, m, bt, ns*L)]."
-        bv, (bt, L) = parts[0].shape[0], wmask.shape
-        cos = torch.cat(parts, 1)
-        cos = cos.view(bv, cos.shape[1], bt, self.n_word_sets, L).permute(3, 0, 2, 4, 1)   # (ns,bv,bt,L,M); bv may be 0
-        return self.block(params, cos, wmask)
+        return self.block(params, _cos_block(parts, wmask, self.n_word_sets), wmask)
 
     def __repr__(self) -> str: return f"{type(self).__name__}(name={self.name!r})"
 
+# %% ../../nbs/14_model.similarity.ipynb #bd91c5a1
 def register_similarity(cls: type | None = None, *, replace: bool = False):
     "Register a `SimilarityMethod` subclass under its `name` (a class decorator)."
     def add(c):
@@ -173,7 +176,7 @@ def register_similarity(cls: type | None = None, *, replace: bool = False):
         return SIMILARITY_METHODS.register(c.name, c, replace=replace)
     return add if cls is None else add(cls)
 
-# %% ../../nbs/14_model.similarity.ipynb #d2a3e3e6
+# %% ../../nbs/14_model.similarity.ipynb #895bfb57
 @register_similarity(replace=True)
 class MaxSimilarity(SimilarityMethod):
     "`max` (released LAPS): mean over words of the best token + mean over tokens of the best word."
@@ -182,6 +185,7 @@ class MaxSimilarity(SimilarityMethod):
     def block(self, params, cos, wmask): return masked_max_similarity(F.leaky_relu(cos[0], 0.1), wmask[None])
     def block_parts(self, params, parts, wmask): return _max_over_parts(parts, wmask)
 
+# %% ../../nbs/14_model.similarity.ipynb #24e6a2cf
 @register_similarity(replace=True)
 class AttentionSimilarity(SimilarityMethod):
     "`attn` (improved): soft attention of words over tokens and tokens over words, with two learned query maps."
@@ -218,6 +222,7 @@ class AttentionSimilarity(SimilarityMethod):
     def block(self, params, cos, wmask):
         return masked_attention_similarity(F.leaky_relu(cos[0], 0.1), cos[1], cos[2], wmask[None], params['temp'])
 
+# %% ../../nbs/14_model.similarity.ipynb #0421cb96
 @register_similarity(replace=True)
 class ThresholdSimilarity(SimilarityMethod):
     "`thres` (improved): like `max`, each max replaced by the mean of the entries >= `score_threshold`."
