@@ -223,11 +223,12 @@ def test_links_inside_a_folder_are_followed(tiny_vit, tiny_bert, tmp_path):
     assert info['epoch'] == 7 and torch.equal(_sims(m), _sims(model))
 
 
-@pytest.mark.parametrize('name', ['config.json', 'backbones.json', 'model.safetensors', 'trainer_state.json', 'trainer_state.pt'])
+@pytest.mark.parametrize('name', ['config.json', 'backbones.json', 'model.safetensors', 'trainer_state.json', 'trainer_state.pt',
+                                  'run_config.json'])
 def test_model_folder_file_links_out_are_refused(name, tiny_vit, tiny_bert, tmp_path):
     model = _model(tiny_vit, tiny_bert)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    p = save_checkpoint(tmp_path / 'ck', model, trainer_state={'epoch': 1}, optimizer=opt)
+    p = save_checkpoint(tmp_path / 'ck', model, LapsConfig.from_model(model.cfg), trainer_state={'epoch': 1}, optimizer=opt)
     (p / 'checksums.json').unlink()                                         # even without checksums
     (tmp_path / name).write_bytes((p / name).read_bytes())
     (p / name).unlink()

@@ -18,11 +18,12 @@ from ..model.modeling import LAPSModel, unwrap_model
 from .released import load_legacy_checkpoint
 
 # %% auto #0
-__all__ = ['TRAINER_FILES', 'save_checkpoint', 'load_trainer_state', 'run_config', 'load_checkpoint', 'refresh_model_card',
-           'resolve_checkpoint', 'load_any_checkpoint']
+__all__ = ['TRAINER_FILES', 'RUN_CONFIG', 'save_checkpoint', 'load_trainer_state', 'run_config', 'load_checkpoint',
+           'refresh_model_card', 'resolve_checkpoint', 'load_any_checkpoint']
 
 # %% ../../nbs/31_checkpoint.run.ipynb #14d4f3df
 TRAINER_FILES = ('trainer_state.json', 'trainer_state.pt')
+RUN_CONFIG = 'run_config.json'  # the run's LapsConfig, beside the model's config.json (Hugging Face's training_args)
 
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
                     optimizer=None, save_rng: bool = True) -> Path:
@@ -36,8 +37,10 @@ def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, train
     with atomic_folder(path) as tmp:                                    # tmp is next to path: the card finds the run dir
         (tmp / 'trainer_state.json').write_text(state_json + '\n')
         if extra: torch.save(extra, tmp / 'trainer_state.pt')
-        write_pretrained(tmp, model, cfg, state=trainer_state,           # its checksums.json covers the trainer state too
-                         checksummed=TRAINER_FILES if extra else TRAINER_FILES[:1])
+        if isinstance(cfg, LapsConfig): (tmp / RUN_CONFIG).write_text(cfg.to_json() + '\n')
+        trainer_files = [n for n in (*TRAINER_FILES, RUN_CONFIG) if (tmp / n).is_file()]
+        write_pretrained(tmp, model, cfg, state=trainer_state,           # its checksums.json covers the trainer files too
+                         checksummed=tuple(trainer_files))
     return path
 
 def load_trainer_state(path, map_location='cpu') -> dict:
@@ -59,12 +62,14 @@ def _with_backup(path: Path) -> Path:
     return found if found == path else model_file(path.parent, found.name)
 
 def run_config(path, model_cfg: ModelConfig) -> LapsConfig:
-    "The run configuration of checkpoint folder `path` around its `model_cfg`: the whole `LapsConfig` a folder saved before"
-    " the split, else its run directory's `config.json` (`<run>/checkpoint_best/`), else the defaults."
+    "The run configuration of checkpoint folder `path` around its `model_cfg`: its `run_config.json`, else the whole"
+    " `LapsConfig` a folder saved before the split, else its run directory's `config.json` (`<run>/checkpoint_best/`), else the defaults."
     path, names = Path(path), set(LapsConfig.__dataclass_fields__)
-    conf = model_file(path, 'config.json')
+    conf = model_file(path, RUN_CONFIG)
+    if not conf.is_file(): conf = model_file(path, 'config.json')
     saved = read_json(conf)
-    if not (set(saved) - set(ModelConfig.__dataclass_fields__)) & names and (path.parent / 'commands.jsonl').is_file():
+    only_model = not (set(saved) - set(ModelConfig.__dataclass_fields__)) & names
+    if conf.name == 'config.json' and only_model and (path.parent / 'commands.jsonl').is_file():
         conf = model_file(path.parent, 'config.json')                   # a run directory keeps its LapsConfig
         saved = read_json(conf) if conf.is_file() else {}
     try: return LapsConfig.from_model(model_cfg, **{k: v for k, v in saved.items() if k in names})
