@@ -41,8 +41,15 @@ def parse_bool(s: str) -> bool:
 
 # %% ../../nbs/90_cli.common.ipynb #1d533aec
 def field_comments(cls) -> dict[str, str]:
-    "{field: its comment} for the fields of dataclass `cls` written `name: type = default  # comment`."
-    fields, out = {f.name for f in dataclasses.fields(cls)}, {}
+    "{field: its comment} for the fields of dataclass `cls` and the dataclasses it inherits fields from, written `name: type = default  # comment`."
+    out = {}
+    for klass in reversed(cls.__mro__):                                 # a subclass's comment wins
+        if dataclasses.is_dataclass(klass) and klass.__dict__.get('__annotations__'): out.update(_own_comments(klass))
+    return out
+
+def _own_comments(cls) -> dict[str, str]:
+    "{field: its comment} for the fields `cls` itself declares."
+    fields, out = set(cls.__dict__['__annotations__']), {}
     name, at_start, depth = None, True, 0
     for tok in tokenize.generate_tokens(io.StringIO(textwrap.dedent(inspect.getsource(cls))).readline):
         if tok.type == tokenize.INDENT: depth += 1

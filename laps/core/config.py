@@ -74,10 +74,10 @@ class _Serialised:
         "A validated copy with `changes` applied."
         return self.from_dict({**self.to_dict(), **changes})
 
-# %% ../../nbs/01_core.config.ipynb #728c610d
+# %% ../../nbs/01_core.config.ipynb #1af58a24
 @dataclass
-class ModelConfig(_Serialised):
-    "What a LAPS model is (backbones, sizes, ratios, similarity, token selection, global head): all `from_pretrained` needs."
+class _ModelFields:
+    "The model's fields, declared once: `ModelConfig` is these; `LapsConfig` holds them beside the run's own."
     # --- backbones and their inputs
     vit_type: str = 'vit'  # vision backbone family, a vision entry of `laps.core.registry.BACKBONES`: vit | swin | deit
     vision_backbone: str | None = None  # hub name, local folder or built-in name (None: the default of vit_type's adapter)
@@ -102,9 +102,13 @@ class ModelConfig(_Serialised):
     use_learnable_temp: int = 0  # improved: learnable temperature of the `attn` similarity
     score_threshold: float = 0.7  # threshold of the `thres` similarity
     # --- global head (laps.model.global_head)
-    glob_loss_weight: float = 0.0  # > 0: the model has the global head, trained with this weight; 0: no head, the released model
-    glob_loss_detach: int = 0  # 1: the head's loss trains the head only (no gradient into the encoders)
+    glob_loss_weight: float = 0.0  # weight of the global head's auxiliary loss (laps.model.global_head): > 0 trains a shortlist embedding for `laps index`; 0: no head, the released training exactly
+    glob_loss_detach: int = 0  # 1: the auxiliary loss trains the global head only (no gradient into the encoders), so LAPS itself trains exactly as without the head
 
+# %% ../../nbs/01_core.config.ipynb #728c610d
+@dataclass
+class ModelConfig(_ModelFields, _Serialised):
+    "What a LAPS model is (backbones, sizes, ratios, similarity, token selection, global head): all `from_pretrained` needs."
     def __post_init__(self):
         _check_types(self)                                                # values come from folders' config.json too
         _check_model(self)
@@ -192,7 +196,7 @@ class _HoldsModel:
 
 # %% ../../nbs/01_core.config.ipynb #1ff7cd0e
 @dataclass
-class LapsConfig(_Serialised, _HoldsModel):
+class LapsConfig(_ModelFields, _Serialised, _HoldsModel):
     "All flags of a LAPS run (the released code's names and defaults), flat: the run's own (data, schedule, logging, devices, evaluation) and its model's (`.model`)."
     # --- data
     data_path: str = 'data/'  # folder holding `<dataset>/{split}_caps.txt` etc.
@@ -200,42 +204,17 @@ class LapsConfig(_Serialised, _HoldsModel):
     f30k_img_path: str | None = None  # Flickr30K image folder (default: `<data_path>/f30k/images`)
     coco_img_path: str | None = None  # COCO image folder (default: `<data_path>/coco/images`)
     img_path: str | None = None  # image folder of any dataset; wins over the dataset's own flag (default: `<data_path>/<dataset>/images`)
-    img_res: int = 224  # input resolution of the vision backbone
     size_augment: int = 1  # word-level caption augmentation during training (nbs/41_data.loaders.ipynb)
-    max_word: int = 90  # captions are truncated to this many tokens, [CLS] and [SEP] included
     workers: int = 8  # data-loader worker processes
     pair_batches: int = 0  # 1: each training batch holds minimal-pair partners together: for every caption of an image, a caption of its partner (`train_minimal_pairs.json`) is in the same batch, so the hinge loss sees binding and relation contrasts
-    # --- model
-    vit_type: str = 'vit'  # vision backbone family, a vision entry of `laps.core.registry.BACKBONES`: vit | swin | deit
-    embed_size: int = 512  # joint embedding size C
-    sparse_ratio: float = 0.5  # fraction of patches kept by LPS
-    aggr_ratio: float = 0.4  # fraction of kept patches after SPA aggregation
+    # --- objective (the model's fields come first, from `_ModelFields`)
     attention_weight: float = 0.8  # accepted for command-line compatibility; unused by the released model
     ratio_weight: float = 2.0  # weight of the ratio loss
-    use_cls_as_glob_embd: int = 0  # improved: [CLS] tokens as global embeddings in LPS
-    use_token_selection: int = 0  # improved: text token selection
-    token_selection_strategy: str = 'ratio'  # ratio | score
-    token_selection_ratio: float = 1.0  # fraction of non-[CLS] tokens kept by `ratio`
-    token_selection_trainable: int = 0  # 1: straight-through gate so `attn_mat` learns (not in the release)
-    similarity_calc_method: str = 'max'  # a registered similarity method (laps.core.registry.SIMILARITY_METHODS)
-    use_learnable_temp: int = 0  # improved: learnable temperature of the `attn` similarity
-    score_threshold: float = 0.7  # threshold of the `thres` similarity
-    # --- backbones
-    vision_backbone: str | None = None  # hub name, local folder or built-in name (None: the default of vit_type's adapter)
-    vision_pretrained: bool = True  # load the vision backbone's weights (False: random init, from scratch)
-    bert_path: str = 'bert-base-uncased'  # text backbone: hub name, local folder or built-in name
-    text_pretrained: bool = True  # load the text backbone's weights
-    freeze_text_layers: int = 0  # freeze the text embeddings and this many bottom layers (-1: the whole text backbone)
-    text_layers: int = 0  # use only the bottom N layers of the text backbone (0: all of them)
-    num_patches: int = 196  # spatial patches N of the vision backbone
-    # --- objective
     margin: float = 0.2  # hinge margin
     max_violation: bool = False  # hardest negative after the warm-up epochs
     vse_mean_warmup_epochs: int = 1  # epochs that sum over all negatives first
     embedding_warmup_epochs: int = 0  # epoch whose alignment loss ramps up linearly
     loss: str = 'vse'  # vse | trip (distance-weighted triplet)
-    glob_loss_weight: float = 0.0  # weight of the global head's auxiliary loss (laps.model.global_head): > 0 trains a shortlist embedding for `laps index`; 0: no head, the released training exactly
-    glob_loss_detach: int = 0  # 1: the auxiliary loss trains the global head only (no gradient into the encoders), so LAPS itself trains exactly as without the head
     # --- optimisation
     num_epochs: int = 30
     batch_size: int = 128  # per process under torchrun
