@@ -201,7 +201,8 @@ def write_pretrained(folder, model: nn.Module, cfg: ModelConfig | LapsConfig | N
     folder.mkdir(parents=True, exist_ok=True)
     (folder / 'config.json').write_text(as_model_config(cfg).to_json() + '\n')
     (folder / 'backbones.json').write_text(json.dumps(backbones, indent=2, sort_keys=True) + '\n')
-    save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt', 'aliases': json.dumps(aliases)})
+    extra = {'aliases': json.dumps(aliases)} if aliases else {}        # safetensors keeps metadata in a hash map whose order
+    save_file(tensors, str(folder / 'model.safetensors'), metadata={'format': 'pt', **extra})   # varies by process: one key, same bytes
     (folder / 'README.md').write_text(model_card(cfg, run_dir, state, source, {'vision': model.img_enc.visual_encoder.config,
                                                                               'text': model.txt_enc.bert.config}))
     write_checksums(folder, [*PRETRAINED_FILES, *checksummed])           # last: an interrupted rewrite fails verification
