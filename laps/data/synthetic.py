@@ -14,9 +14,9 @@ from ..core.atomic import write_text_atomic
 from .datasets import get_dataset, folder_format_problem
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'BACKGROUND', 'P_THREE', 'GENERATOR_VERSION', 'PAIR_KINDS', 'SYNONYMS',
-           'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key', 'random_scene', 'PairKind',
-           'perturb', 'make_partner', 'render_scene', 'object_phrase', 'fill_template', 'scene_captions',
+__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'BACKGROUND', 'P_THREE', 'GENERATOR', 'GENERATOR_VERSION', 'PAIR_KINDS',
+           'SYNONYMS', 'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key', 'random_scene',
+           'PairKind', 'perturb', 'make_partner', 'render_scene', 'object_phrase', 'fill_template', 'scene_captions',
            'flip_caption', 'plan_splits', 'generate_synthetic']
 
 # %% ../../nbs/42_data.synthetic.ipynb #4900482d
@@ -27,7 +27,7 @@ SIZES = {'small': 0.19, 'big': 0.31}  # object width as a fraction of the image 
 LAYOUTS = ('horizontal', 'vertical')  # objects ordered left -> right, or top -> bottom
 BACKGROUND = (45, 45, 48)
 P_THREE = 0.75  # probability of 3 objects (else 2) in a sampled scene: 2-object scenes are few (about 6,300 up to mirror)
-GENERATOR_VERSION = get_dataset('synthetic').folder_format['version']  # the format this laps reads is the one it writes
+GENERATOR, GENERATOR_VERSION = (get_dataset('synthetic').folder_format[k] for k in ('generator', 'version'))  # the format this laps reads is the one it writes
 
 # %% ../../nbs/42_data.synthetic.ipynb #f4e608c3
 def scene_key(scene: dict) -> tuple:
@@ -264,7 +264,7 @@ def _render_one(scene: dict, img_id: int, seed: int, img_size: int, folder: Path
 def _meta(folder: Path) -> dict | None:
     try: meta = json.loads((folder / 'meta.json').read_text())
     except (OSError, ValueError): return None
-    return meta if isinstance(meta, dict) and meta.get('generator') == 'laps.data.synthetic' else None
+    return meta if isinstance(meta, dict) and meta.get('generator') == GENERATOR else None
 
 # %% ../../nbs/42_data.synthetic.ipynb #ae4cc899
 def _write_split(folder: Path, split: str, scenes: list[dict], pairs: list[tuple[int, int, str]], first_id: int,
@@ -294,7 +294,7 @@ def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500,
     out = Path(out)
     params = dict(seed=int(seed), n_train=int(n_train), n_dev=int(n_dev), n_test=int(n_test), img_size=int(img_size),
                   dev_probe_pairs=int(dev_probe_pairs), test_probe_pairs=int(test_probe_pairs))
-    meta = dict(generator='laps.data.synthetic', version=GENERATOR_VERSION, **params, shapes=list(SHAPES),
+    meta = dict(generator=GENERATOR, version=GENERATOR_VERSION, **params, shapes=list(SHAPES),
                 colours=list(COLOURS), sizes=list(SIZES), layouts=list(LAYOUTS), splits=list(SPLITS),
                 pair_kinds={k.name: dict(bow_solvable=k.bow_solvable, doc=k.doc) for k in PAIR_KINDS.values()})
     spec = get_dataset('synthetic')
