@@ -105,7 +105,7 @@ def test_reads_back_through_the_reader_ids_unique(small):
     assert set(json.loads((small / 'synthetic' / 'id_mapping.json').read_text())) == {str(i) for i in ids}
     assert read_split(small, 'synthetic', 'test').image_ids == list(range(42, 56))
     meta = json.loads((small / 'synthetic' / 'meta.json').read_text())
-    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.data.synthetic', 2, list(PAIR_KINDS))
+    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.synthetic', 2, list(PAIR_KINDS))
 
 
 def test_kind_table():
@@ -114,7 +114,7 @@ def test_kind_table():
     assert [k for k, v in PAIR_KINDS.items() if not v.bow_solvable] == ['colour_binding', 'size_binding', 'relation_swap']
     assert all(v.name == k and v.doc and callable(v.perturb) for k, v in PAIR_KINDS.items())
     assert get_dataset('synthetic').probe_splits == {'dev': 'dev_probes', 'test': 'test_probes'}
-    assert get_dataset('synthetic').folder_format == {'generator': 'laps.data.synthetic', 'version': GENERATOR_VERSION}
+    assert get_dataset('synthetic').folder_format == {'generator': 'laps.synthetic', 'version': GENERATOR_VERSION}
 
 
 @pytest.mark.parametrize('split', SPLITS)
@@ -275,7 +275,7 @@ def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
     assert main(['data', 'synthetic', *args]) == 0; capsys.readouterr()
     meta = json.loads((out / 'meta.json').read_text())
     (out / 'meta.json').write_text(json.dumps(dict(meta, version=1)))
-    advice = (f"{out} was made by laps.data.synthetic version 1; this laps reads version 2: "
+    advice = (f"{out} was made by laps.synthetic version 1; this laps reads version 2: "
               f"regenerate it with `laps data synthetic --out {out} --force`")
     with pytest.raises(ValueError) as e: read_split(tmp_path, 'synthetic', 'train')
     assert str(e.value) == advice
@@ -295,7 +295,7 @@ def test_train_with_a_version_1_folder_fails_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'laps', 'train', '--preset', 'cpu', '--data_path', str(tmp_path),
                         '--logger_name', str(tmp_path / 'run'), '--num_epochs', '1'], capture_output=True, text=True, timeout=300)
     lines = [l for l in r.stderr.strip().split('\n') if l]
-    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.data.synthetic version 1; this laps reads "
+    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.synthetic version 1; this laps reads "
                                                f"version 2: regenerate it with `laps data synthetic --out {out} --force`"), r.stderr
 
 
