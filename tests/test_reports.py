@@ -12,7 +12,8 @@ from laps.reports.runs import ABLATIONS, train_command, code_commit
 from laps.reports.tables import save_figure
 from laps.training.runner import prepare_run_dir, train
 from laps.reports.training_trace import training_trace
-from laps.cli import main, build_parser, config_from_args
+from laps.cli import main, build_parser
+from laps.cli.common import config_from_args
 from laps.cli.report import parse_report_args
 from laps.core.config import get_config
 

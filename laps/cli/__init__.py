@@ -8,7 +8,7 @@ import argparse, importlib, sys, traceback
 from types import ModuleType
 from ..core.errors import CheckpointError
 from ..core.guards import printable
-from .common import LapsArgumentParser, config_from_args
+from .common import LapsArgumentParser
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command_module', 'build_parser', 'is_expected_error', 'main']
