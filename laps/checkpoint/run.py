@@ -26,13 +26,14 @@ TRAINER_FILES = ('trainer_state.json', 'trainer_state.pt')
 RUN_CONFIG = 'run_config.json'  # the run's LapsConfig, beside the model's config.json (Hugging Face's training_args)
 
 def save_checkpoint(path, model: nn.Module, cfg: LapsConfig | None = None, trainer_state: dict | None = None,
-                    optimizer=None, save_rng: bool = True) -> Path:
+                    optimizer=None, save_rng: bool = True, scaler=None) -> Path:
     "Write a checkpoint folder atomically: a save_pretrained folder plus the trainer state (for resume)."
     model = unwrap_model(model)
     path = Path(path)
     try: state_json = json.dumps(trainer_state or {}, indent=2, sort_keys=True)
     except TypeError as e: raise TypeError(f"trainer_state must be JSON-serialisable ({e}); put tensors in optimizer") from e
     extra = {'optimizer': optimizer.state_dict()} if optimizer is not None else {}
+    if scaler is not None: extra['scaler'] = scaler.state_dict()       # fp16's loss scale, for an exact resume
     if save_rng: extra['rng'] = rng_states()
     with atomic_folder(path) as tmp:                                    # tmp is next to path: the card finds the run dir
         (tmp / 'trainer_state.json').write_text(state_json + '\n')

@@ -12,8 +12,8 @@ from typing import Any
 from .registry import BACKBONES, DATASETS, SIMILARITY_METHODS
 
 # %% auto #0
-__all__ = ['TOKEN_SELECTION_STRATEGIES', 'LOSSES', 'ENGINES', 'PRESETS', 'ModelConfig', 'default_vision_backbone', 'LapsConfig',
-           'as_model_config', 'get_config']
+__all__ = ['TOKEN_SELECTION_STRATEGIES', 'LOSSES', 'ENGINES', 'PRECISIONS', 'PRESETS', 'ModelConfig', 'default_vision_backbone',
+           'LapsConfig', 'as_model_config', 'get_config']
 
 # %% ../../nbs/01_core.config.ipynb #e4d51e13
 def _is_int(v) -> bool: return isinstance(v, Integral)                      # bool is an Integral: 0/1 flags
@@ -53,6 +53,7 @@ def _check_ranges(cfg) -> None:
 TOKEN_SELECTION_STRATEGIES = ('ratio', 'score')
 LOSSES = ('vse', 'trip')
 ENGINES = ('fast', 'reference')
+PRECISIONS = ('fp32', 'bf16', 'fp16')  # laps.core.precision: fp32 is the released arithmetic
 
 class _Serialised:
     "Dict and JSON round trips of a validated config dataclass."
@@ -169,7 +170,8 @@ def _check_run(cfg) -> None:
     DATASETS.check('dataset', cfg.dataset)
     _check_choice('loss', cfg.loss, LOSSES)
     _check_choice('engine', cfg.engine, ENGINES)
-    for name in ('size_augment', 'pair_batches', 'multi_gpu', 'eval', 'save_results'):
+    _check_choice('precision', cfg.precision, PRECISIONS)
+    for name in ('size_augment', 'pair_batches', 'multi_gpu', 'eval', 'save_results', 'grad_checkpointing'):
         if getattr(cfg, name) not in (0, 1, True, False):
             raise ValueError(f"{name} must be 0 or 1, got {getattr(cfg, name)!r}")
     for name in ('batch_size', 'shard_size'):
@@ -234,6 +236,8 @@ class LapsConfig(_ModelFields, _Serialised, _HoldsModel):
     gpu_id: int = 0  # CUDA device index when not under torchrun
     engine: str = 'fast'  # fast | reference cross-modal engine
     device: str = 'auto'  # auto | cpu | cuda | cuda:N | mps
+    precision: str = 'fp32'  # fp32 | bf16 | fp16: torch.autocast around forward passes (laps.core.precision); fp32 is the released training exactly
+    grad_checkpointing: int = 0  # 1: recompute the backbones' layer activations in the backward pass (less memory, more time)
     val_split: str = 'dev'  # split that selects the best checkpoint (never test by default)
     preset: str | None = None  # name of the preset this config was resolved from
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from ..core.config import ModelConfig, LapsConfig
+from ..core.precision import full_precision
 from .reference import ReferenceCrossNet, check_cap_lens
 from .engine import batched_forward, pairs_forward, check_pairs, DEFAULT_MEMORY_BUDGET
 
@@ -31,6 +32,7 @@ class CrossNet(ReferenceCrossNet):
             num_prefix_tokens=self.num_prefix_tokens, memory_budget=memory_budget or self.memory_budget,
             with_mask=with_mask)
 
+    @full_precision                                                      # ranks and norms: fp32 under autocast too
     def forward(self, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, memory_budget: int | None = None):
         "img_embs (B_v, T, C), cap_embs (B_t, L, C), cap_lens (B_t,) -> eval: sims; train: (sims, score_mask)."
         check_cap_lens(cap_embs, cap_lens)
@@ -41,6 +43,7 @@ class CrossNet(ReferenceCrossNet):
         return (sims, score_mask) if self.training else sims
 
     @torch.no_grad()
+    @full_precision
     def pair_scores(self, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens, pairs,
                     memory_budget: int | None = None) -> torch.Tensor:
         "Chosen entries of the eval-mode matrix only: pairs (P, 2) of (image, caption) indices -> scores (P,)."

@@ -14,9 +14,9 @@ from ..core.registry import BACKBONES
 
 # %% auto #0
 __all__ = ['BUILTIN_CONFIGS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'SwinAdapter', 'BertAdapter', 'RobertaAdapter',
-           'adapter_for', 'vision_families', 'ConvStemViTConfig', 'ConvStem', 'ConvStemViTModel', 'ConvViTAdapter',
-           'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone', 'num_spatial_patches',
-           'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
+           'adapter_for', 'vision_families', 'checkpoint_layers', 'ConvStemViTConfig', 'ConvStem', 'ConvStemViTModel',
+           'ConvViTAdapter', 'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone',
+           'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
 
 # %% ../../nbs/10_model.encoders.ipynb #2e2cc1c5
 class _ImageTokens:
@@ -85,6 +85,17 @@ class BackboneAdapter(_ImageTokens):
         del self.layers(model)[n_layers:]
         model.config.num_hidden_layers = n_layers
 
+    def set_grad_checkpointing(self, model: nn.Module, enabled: bool = True) -> None:
+        "Recompute each layer's activations in the backward pass: the backbone's own support, else `checkpoint_layers`."
+        if getattr(model, 'supports_gradient_checkpointing', False):
+            if enabled: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
+            else: model.gradient_checkpointing_disable()
+        else: checkpoint_layers(self.layers(model), enabled)
+
+    def set_attention(self, model: nn.Module, implementation: str) -> None:
+        "Run the backbone's attention with `implementation` ('sdpa' or 'eager'; laps.core.precision.attention_kernel)."
+        model.set_attn_implementation(implementation)
+
 # %% ../../nbs/10_model.encoders.ipynb #5d2ab0de
 class ViTAdapter(BackboneAdapter):
     "ViT (the paper's ViT-B/16): [CLS] + (r/p)^2 patches; built with its pooling layer, so checkpoints carry `pooler.*`."
@@ -132,6 +143,19 @@ def adapter_for(backbone) -> BackboneAdapter:
 def vision_families() -> tuple[str, ...]:
     "The registered vision families, in registration order: the values `vit_type` accepts."
     return tuple(n for n, a in BACKBONES.items() if a.modality == 'vision')
+
+# %% ../../nbs/10_model.encoders.ipynb #390cf2e5
+def checkpoint_layers(layers: nn.ModuleList, enabled: bool = True) -> None:
+    "Run each of `layers` under `torch.utils.checkpoint` while training (enabled) or as before (not)."
+    from torch.utils.checkpoint import checkpoint
+    for layer in layers:
+        if not enabled: layer.__dict__.pop('forward', None); continue
+        if 'forward' in layer.__dict__: continue                          # already wrapped
+        plain = type(layer).forward.__get__(layer)
+        def forward(*args, _plain=plain, _layer=layer, **kwargs):
+            if not (_layer.training and torch.is_grad_enabled()): return _plain(*args, **kwargs)
+            return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+        layer.forward = forward
 
 # %% ../../nbs/10_model.encoders.ipynb #c2d8f3b5
 class ConvStemViTConfig(ViTConfig):

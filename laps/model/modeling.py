@@ -75,6 +75,16 @@ class LAPSModel(nn.Module, LapsHubMixin):
         for module in frozen_text_modules(self.txt_enc.bert, self.cfg.freeze_text_layers): module.train(False)
         return self
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> 'LAPSModel':
+        "Gradient checkpointing of both backbones (`--grad_checkpointing 1`): same gradients, less memory."
+        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_grad_checkpointing(enc.backbone, enabled)
+        return self
+
+    def set_attention(self, implementation: str) -> 'LAPSModel':
+        "Both backbones' attention implementation, 'sdpa' or 'eager' (laps.core.precision.attention_kernel)."
+        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_attention(enc.backbone, implementation)
+        return self
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         "(B, 3, r, r) -> image token embeddings (B, P + N, C), P = the vision adapter's prefix tokens."
         return self.img_enc(pixel_values)

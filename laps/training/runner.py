@@ -16,6 +16,7 @@ from ..core.guards import contained, is_inside
 from ..core.provenance import command_record
 from ..model.modeling import LAPSModel
 from ..core.devices import resolve_device
+from ..core.precision import check_precision, grad_scaler, attention_kernel
 from ..core.rng import seed_everything
 from .step import optimizer_for, set_epoch_lr, training_step, make_alignment_loss
 from ..eval.evaluate import evaluate_split
@@ -28,7 +29,7 @@ from ..eval.metrics import save_sims
 from ..core.distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
-__all__ = ['RunLogger', 'check_run_dir', 'prepare_run_dir', 'Trainer', 'prepare_training', 'train']
+__all__ = ['RunLogger', 'check_run_dir', 'prepare_run_dir', 'Trainer', 'configure_compute', 'prepare_training', 'train']
 
 # %% ../../nbs/61_training.runner.ipynb #5798ffb6
 class RunLogger:
@@ -109,6 +110,7 @@ class Trainer:
     net: nn.Module  # what the steps train: the model, or DDP(GatherForward(model)) under torchrun
     alignment_loss: object
     resumed: dict | None = None  # trainer_state of the checkpoint resumed from (epoch, step, best_rsum, ...)
+    scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (laps.core.precision); None for fp32 and bf16
     lr: float = math.nan  # base learning rate of the current epoch
 
     @property
@@ -127,7 +129,8 @@ class Trainer:
     def step(self, batch: dict, epoch: int, step: int) -> dict:
         "One optimisation step on a loader batch (step `step` of `epoch`); returns `training_step`'s logs."
         return training_step(self.net, _to_device(batch, self.info.device), self.optimizer, self.cfg, epoch=epoch,
-                             step=step, steps_per_epoch=self.steps_per_epoch, alignment_loss=self.alignment_loss)
+                             step=step, steps_per_epoch=self.steps_per_epoch, alignment_loss=self.alignment_loss,
+                             scaler=self.scaler)
 
     def train_epoch(self, epoch: int, progress: bool = False):
         "Begin `epoch`, then yield (step, logs) after each of its optimisation steps."
@@ -137,6 +140,14 @@ class Trainer:
             logs = self.step(batch, epoch, step)
             bar.set_postfix(loss=f"{logs['loss']:.3f}")
             yield step, logs
+
+# %% ../../nbs/61_training.runner.ipynb #a24673a8
+def configure_compute(model: LAPSModel, cfg: LapsConfig, device) -> LAPSModel:
+    "Apply `cfg.precision`'s attention kernel and `cfg.grad_checkpointing` to `model` (checked against `device`)."
+    check_precision(cfg.precision, device)
+    if cfg.precision != 'fp32': model.set_attention(attention_kernel(cfg.precision, device))
+    if cfg.grad_checkpointing: model.set_grad_checkpointing(True)
+    return model
 
 # %% ../../nbs/61_training.runner.ipynb #d2f8ea0e
 def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # default: one process on cfg's device
@@ -152,15 +163,17 @@ def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # defaul
                          + (f" x {info.world_size} processes" if info.distributed else ''))
     if cfg.eval: check_images(read_split(cfg.data_path, cfg.dataset, cfg.val_split), image_folder(cfg))
     model = LAPSModel(cfg.model, vision_backbone, text_backbone, engine=cfg.engine).to(info.device)  # the same initial weights on every rank
-    optimizer = optimizer_for(model, cfg)
+    configure_compute(model, cfg, info.device)
+    optimizer, scaler = optimizer_for(model, cfg), grad_scaler(cfg.precision, info.device)
     state = None
     if resume_from is not None:
         saved, _, state = load_checkpoint(resume_from, map_location=info.device)
         model.load_state_dict(saved.state_dict()); del saved
         optimizer.load_state_dict(state['optimizer'])
+        if scaler is not None and 'scaler' in state: scaler.load_state_dict(state['scaler'])
         if 'rng' in state: restore_rng_states(state['rng'])
     return Trainer(cfg, info, tokenizer, loader, sampler, model, optimizer, wrap_ddp(model, info), make_alignment_loss(cfg),
-                   resumed=state)
+                   resumed=state, scaler=scaler)
 
 # %% ../../nbs/61_training.runner.ipynb #e8fc5285
 def _validate(tr: Trainer, run_dir: Path, logger: RunLogger, epoch: int, step: int, best: dict, progress: bool) -> dict:
@@ -193,7 +206,7 @@ def _run_epochs(tr: Trainer, run_dir: Path, logger: RunLogger, start_epoch: int,
         if cfg.eval: best = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
         if info.is_main:
             save_checkpoint(run_dir / 'checkpoint_last', tr.model, cfg, dict(epoch=epoch, step=global_step, **best),
-                            optimizer=tr.optimizer)
+                            optimizer=tr.optimizer, scaler=tr.scaler)
     return global_step, best
 
 # %% ../../nbs/61_training.runner.ipynb #b8aeb994

@@ -8,6 +8,7 @@ import inspect
 import torch
 from torch import nn
 from ..core.config import LapsConfig
+from ..core.precision import autocast
 from ..model.losses import (hinge_triplet_loss, use_max_violation, loss_warmup_factor, ratio_loss, finite_or_zero,
                          DistanceWeightedTripletLoss)
 from ..model.encoders import ImageEncoder, TextEncoder
@@ -54,6 +55,31 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, learning_rate: float, epoch: 
     for g in optimizer.param_groups: g['lr'] = lr * g.get('lr_scale', 1.0)
     return lr
 
+# %% ../../nbs/60_training.step.ipynb #70ab07e9
+def _forward(model: nn.Module, batch: dict, precision: str) -> tuple[dict, torch.Tensor]:
+    "The training outputs of `batch` under `precision`'s autocast, similarities in fp32; and the pairs' image ids."
+    with autocast(precision, batch['images'].device):
+        if isinstance(model, LAPSModel):
+            out = model.train_forward(batch['images'], batch['input_ids']); img_ids = batch['img_ids']
+        else: out = model(batch['images'], batch['input_ids'], batch['img_ids']); img_ids = out['img_ids']  # all ranks' pairs
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}, img_ids
+
+def _backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float, scaler=None) -> float:
+    "Backward, clip the global gradient norm at `grad_clip`, step; with an fp16 `scaler`: scale, unscale, step, update."
+    optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    if scaler is None:
+        loss.backward()
+        grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+        optimizer.step()
+        return grad_norm
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)                                               # clip the true gradients
+    grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+    scaler.step(optimizer)                                                   # skipped when a gradient overflowed
+    scaler.update()
+    return grad_norm
+
 # %% ../../nbs/60_training.step.ipynb #823a5670
 def make_alignment_loss(cfg: LapsConfig):
     "The alignment criterion of `cfg.loss` with its dataset's `loss_overrides` (COCO: trip cutoff 1.9): fn(sims, img_ids, epoch) -> scalar."
@@ -73,13 +99,11 @@ def _grad_norm(params) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg: LapsConfig, *,
-                  epoch: int, step: int, steps_per_epoch: int, alignment_loss=None) -> dict:
+                  epoch: int, step: int, steps_per_epoch: int, alignment_loss=None, scaler=None) -> dict:
     "One optimisation step on `batch` (images, input_ids, img_ids) of a LAPSModel or DDP(GatherForward); returns logged scalars."
     alignment_loss = alignment_loss or make_alignment_loss(cfg)
     model.train()
-    if isinstance(model, LAPSModel):
-        out = model.train_forward(batch['images'], batch['input_ids']); img_ids = batch['img_ids']
-    else: out = model(batch['images'], batch['input_ids'], batch['img_ids']); img_ids = out['img_ids']  # all ranks' pairs
+    out, img_ids = _forward(model, batch, cfg.precision)
     sims, score_mask, glob_sims = out['sims'], out['score_mask'], out['glob_sims']
     img_ids = img_ids.to(sims.device)
     align = alignment_loss(sims, img_ids, epoch)
@@ -89,11 +113,8 @@ def training_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
     g_loss = None if glob_sims is None else alignment_loss(glob_sims, img_ids, epoch)     # the global head's auxiliary loss
     if g_loss is not None: loss = loss + cfg.glob_loss_weight * g_loss
     loss = finite_or_zero(loss)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = float(nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g['params']], cfg.grad_clip))
+    grad_norm = _backward_and_step(loss, optimizer, cfg.grad_clip, scaler)
     tok_sel = getattr(getattr(unwrap_model(model), 'cross_net', None), 'tok_select_net', None)
-    optimizer.step()
     return dict(loss=loss.item(), align_loss=align.item(), ratio_loss=r_loss.item(), warmup=warm,
                 glob_loss=float('nan') if g_loss is None else g_loss.item(),
                 grad_norm=grad_norm, max_violation=float(use_max_violation(epoch, cfg.vse_mean_warmup_epochs, cfg.max_violation)),
