@@ -5,14 +5,14 @@
 # %% ../../nbs/95a_cli.bench.ipynb #1ce62280
 from __future__ import annotations
 import argparse, json, sys
-from ..core.config import PRESETS
+from ..core.config import PRESETS, PRECISIONS
 from ..core.registry import SIMILARITY_METHODS
 from ..eval.bench import DEFAULT_CAPTIONS, run_bench
 from ..model.engine import DEFAULT_MEMORY_BUDGET
-from .common import command_parser, usage_error
+from .common import command_parser, usage_error, parse_bool
 
 # %% auto #0
-__all__ = ['add_arguments', 'check_mode', 'run_engine_bench', 'run_index_bench_command', 'run']
+__all__ = ['add_arguments', 'check_mode', 'run_engine_bench', 'run_index_bench_command', 'run_train_bench_command', 'run']
 
 # %% ../../nbs/95a_cli.bench.ipynb #97e200b4
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -49,11 +49,25 @@ def _index_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument('--work', default=None, help='folder for the indexes (default: a temporary one)')
     g.add_argument('--keep', action='store_true', help='keep the built indexes')
 
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group('the training step benchmark (--train; with --preset, --device, --threads, --seed, --json)')
+    g.add_argument('--train', action='store_true', help="time full training steps of --preset (both backbones, random "
+                   "weights, nothing downloaded) for each precision x checkpointing, with peak memory")
+    g.add_argument('--batches', type=int, nargs='+', default=None,
+                   help="batch sizes (default: the preset's); two or more give the largest batch for 24 and 80 GiB")
+    g.add_argument('--precisions', nargs='+', default=None, choices=PRECISIONS, help='default: fp32 bf16, and fp16 on cuda')
+    g.add_argument('--grad-checkpointing', type=int, nargs='+', default=[0, 1], choices=[0, 1], help='default: 0 1')
+    g.add_argument('--steps', type=int, default=3, help='timed steps per combination (their median is reported)')
+    g.add_argument('--warmup', type=int, default=1, help='untimed steps first')
+    g.add_argument('--isolate', type=parse_bool, default=None, metavar='0|1',
+                   help='one fresh process per combination (default: 1 on cpu, where the peak RSS is per process)')
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    "`laps bench`'s flags: the engine benchmark's, and in a group of their own the index benchmark's."
+    "`laps bench`'s flags: the engine benchmark's, and in groups of their own the training step and index benchmarks'."
     p.description = ('Reference loop vs batched engine: evaluation pairs/s, training forward+backward time, fraction of '
                      'the FLOP bound; with --index RUN: build and search replicated galleries with laps.retrieval.')
     _engine_flags(p)
+    _train_flags(p)
     _index_flags(p)
 
 # %% ../../nbs/95a_cli.bench.ipynb #cec2a46f
@@ -69,12 +83,21 @@ def _given(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
     defaults = command_parser('bench', add_arguments)
     return [flag for dest, flag in flags.items() if getattr(args, dest) != defaults.get_default(dest)]
 
+_TRAIN_ONLY = {'batches': '--batches', 'precisions': '--precisions', 'grad_checkpointing': '--grad-checkpointing',
+               'steps': '--steps', 'warmup': '--warmup', 'isolate': '--isolate'}
+_TRAIN_READS = ('preset', 'device')  # engine flags the training step benchmark reads too
+
 def check_mode(args: argparse.Namespace) -> argparse.Namespace:
-    "`args` unless it mixes the two benchmarks' flags (a usage error, status 2)."
+    "`args` unless it mixes the benchmarks' flags (a usage error, status 2)."
     if args.index is None and (extra := _given(args, _INDEX_ONLY)):
         usage_error('laps bench', f"{' '.join(extra)}: only with --index RUN (the search index benchmark)")
     if args.index is not None and (extra := _given(args, _ENGINE_ONLY)):
         usage_error('laps bench', f"{' '.join(extra)}: not with --index RUN (they set the engine benchmark)")
+    if not args.train and (extra := _given(args, _TRAIN_ONLY)):
+        usage_error('laps bench', f"{' '.join(extra)}: only with --train (the training step benchmark)")
+    if args.train and args.index is not None: usage_error('laps bench', "--train and --index RUN: one benchmark at a time")
+    if args.train and (extra := _given(args, {d: f for d, f in _ENGINE_ONLY.items() if d not in _TRAIN_READS})):
+        usage_error('laps bench', f"{' '.join(extra)}: not with --train (they set the engine benchmark)")
     return args
 
 # %% ../../nbs/95a_cli.bench.ipynb #fa2ce205
@@ -121,7 +144,19 @@ def run_index_bench_command(a: argparse.Namespace) -> int:
     print(json.dumps(res) if a.json else format_index_bench(res))
     return 0
 
+def run_train_bench_command(a: argparse.Namespace) -> int:
+    "`laps bench --train ...`: every precision x checkpointing training step of --preset, as a table (or JSON)."
+    from laps.training.bench import run_train_bench, format_train_bench   # the full model: only in this mode
+    if a.device != 'cpu' and not a.device.startswith('cuda'): return _fail('laps bench --train', f"--device must be cpu or cuda[:N], got {a.device!r}")
+    if a.threads is not None and a.threads < 1: return _fail('laps bench --train', f"--threads must be a positive integer, got {a.threads}")
+    try: res = run_train_bench(a.preset, a.batches, a.precisions, tuple(a.grad_checkpointing), a.device, a.steps, a.warmup,
+                               a.seed, a.threads, a.isolate, log=(lambda *x: print(*x, file=sys.stderr)) if a.json else print)
+    except ValueError as e: return _fail('laps bench --train', str(e))
+    print(json.dumps(res) if a.json else format_train_bench(res))
+    return 0
+
 def run(args: argparse.Namespace) -> int:
-    "`laps bench`: the index benchmark with --index RUN, else the engines'."
+    "`laps bench`: the index benchmark with --index RUN, the training step benchmark with --train, else the engines'."
     args = check_mode(args)
+    if args.train: return run_train_bench_command(args)
     return run_engine_bench(args) if args.index is None else run_index_bench_command(args)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, json, sys
 from pathlib import Path
 from ..core.registry import DATASETS
+from ..core.config import PRECISIONS
 from ..data.datasets import get_dataset
 from ..core.atomic import write_json_atomic
 from ..core.guards import is_inside, printable
@@ -25,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--dataset', default=None, choices=DATASETS.names(), help='override the dataset')
     p.add_argument('--f30k_img_path', default=None); p.add_argument('--coco_img_path', default=None)
     p.add_argument('--engine', default=None, choices=('fast', 'reference'))
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS,
+                   help='encoders under torch.autocast in this precision (the similarity stays fp32; default fp32)')
     p.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N')
     p.add_argument('--gpu-id', '--gpu_id', dest='gpu_id', type=int, default=None,
                    help='CUDA device index with --device auto (the released eval.py flag)')
@@ -50,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # %% ../../nbs/92_cli.eval.ipynb #acc414be
 def _eval_overrides(args) -> dict:
     keys = ('data_path', 'dataset', 'f30k_img_path', 'coco_img_path', 'engine', 'device', 'gpu_id', 'batch_size',
-            'shard_size', 'workers')
+            'shard_size', 'workers', 'precision')
     return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
 
 def released_runs(dataset: str, root='runs') -> list[Path]:

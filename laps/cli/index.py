@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse, sys
 from pathlib import Path
 from ..core.guards import is_inside, printable
+from ..core.config import PRECISIONS
 from .common import check_device
 
 # %% auto #0
@@ -29,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data_path', default=None, help='with --split: override the data folder recorded in the model')
     p.add_argument('--img_path', default=None, help="with --split: the split's image folder")
     p.add_argument('--device', default=None, help='auto | cpu | cuda | cuda:N (under torchrun: each rank its own)')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS,
+                   help='encoders under torch.autocast in this precision; tokens are stored as before (default fp32)')
     p.add_argument('--wait', type=float, default=0, metavar='SECONDS',
                    help='when another laps index is writing INDEX, wait up to SECONDS for it to finish (default 0: '
                         'refuse at once)')
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     ckpt = Path(info['path'])
     if is_inside(ckpt, args.out) or (ckpt.is_dir() and is_inside(args.out, ckpt)):   # the index would be written over its model
         raise ValueError(f"--out {args.out}: holds or lies inside the model {ckpt}; choose a folder of its own for the index")
-    cfg = cfg.replace(**{k: getattr(args, k) for k in ('data_path', 'img_path', 'device') if getattr(args, k) is not None})
+    cfg = cfg.replace(**{k: getattr(args, k) for k in ('data_path', 'img_path', 'device', 'precision') if getattr(args, k) is not None})
     if args.split:
         split_images, split_captions = split_items(cfg, args.split)
         images, captions = images + split_images, captions + split_captions

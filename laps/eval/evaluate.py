@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..core.guards import contained, sha256_file
 from ..data.datasets import image_folder
 from ..core.devices import model_device
+from ..core.precision import autocast
 from ..core.distributed import is_distributed, all_gather_cat, shard_range
 from ..data.loaders import load_tokenizer, build_eval_loaders
 from .minimal_pairs import load_minimal_pairs, minimal_pair_report, pair_blocks, pair_rows, probe_split
@@ -29,11 +30,12 @@ __all__ = ['encode_image_set', 'pad_token_batches', 'encode_caption_set', 'simil
 
 # %% ../../nbs/53_eval.evaluate.ipynb #518e780c
 @torch.no_grad()
-def encode_image_set(model: nn.Module, loader, progress: bool = True) -> torch.Tensor:
-    "Token embeddings (n_images, T, C) on CPU for a loader yielding dicts with `images` (B, 3, r, r)."
+def encode_image_set(model: nn.Module, loader, progress: bool = True, precision: str = 'fp32') -> torch.Tensor:
+    "Token embeddings (n_images, T, C), fp32 on CPU, for a loader yielding dicts with `images` (B, 3, r, r); encoders under `precision`."
     model.eval(); device = model_device(model)
-    out = [model.encode_images(b['images'].to(device)).float().cpu()
-           for b in tqdm(loader, desc='encode images', disable=not progress, leave=False)]
+    out = []
+    for b in tqdm(loader, desc='encode images', disable=not progress, leave=False):
+        with autocast(precision, device): out.append(model.encode_images(b['images'].to(device)).float().cpu())
     return torch.cat(out)
 
 def pad_token_batches(batches: list[torch.Tensor]) -> torch.Tensor:
@@ -42,12 +44,13 @@ def pad_token_batches(batches: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(b, (0, 0, 0, L - b.shape[1])) for b in batches])
 
 @torch.no_grad()
-def encode_caption_set(model: nn.Module, loader, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    "Token embeddings (n_captions, L, C) and lengths (n_captions,) on CPU, from dicts with `input_ids`."
+def encode_caption_set(model: nn.Module, loader, progress: bool = True,
+                       precision: str = 'fp32') -> tuple[torch.Tensor, torch.Tensor]:
+    "Token embeddings (n_captions, L, C), fp32, and lengths (n_captions,) on CPU, from dicts with `input_ids`; encoder under `precision`."
     model.eval(); device = model_device(model)
     embs, lens = [], []
     for b in tqdm(loader, desc='encode captions', disable=not progress, leave=False):
-        e, n = model.encode_captions(b['input_ids'].to(device))
+        with autocast(precision, device): e, n = model.encode_captions(b['input_ids'].to(device))
         embs.append(e.float().cpu()); lens.append(n.cpu())
     return pad_token_batches(embs), torch.cat(lens)
 
@@ -74,16 +77,16 @@ def shard_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 def score_split(model: nn.Module, image_loader, caption_loader, shard_size: int = 256,
-                progress: bool = True) -> torch.Tensor:
+                progress: bool = True, precision: str = 'fp32') -> torch.Tensor:
     "(n_images, n_captions) similarities; under an initialised process group each rank does its shard of the work."
     if not is_distributed():
-        img_embs = encode_image_set(model, image_loader, progress)
-        cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
+        img_embs = encode_image_set(model, image_loader, progress, precision)
+        cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress, precision)
         return similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size, progress)
     world, rank = dist.get_world_size(), dist.get_rank()
     images, captions = shard_loader(image_loader, world, rank), shard_loader(caption_loader, world, rank)
-    img_embs = encode_image_set(model, images, progress) if len(images.dataset) else torch.zeros(0, 0, 0)
-    cap_embs, cap_lens = (encode_caption_set(model, captions, progress) if len(captions.dataset)
+    img_embs = encode_image_set(model, images, progress, precision) if len(images.dataset) else torch.zeros(0, 0, 0)
+    cap_embs, cap_lens = (encode_caption_set(model, captions, progress, precision) if len(captions.dataset)
                           else (torch.zeros(0, 0, 0), torch.zeros(0, dtype=torch.long)))
     cap_embs, cap_lens = all_gather_cat(cap_embs), all_gather_cat(cap_lens)     # (n_captions, L, C), (n_captions,)
     rows = similarity_matrix(model.cross_net, img_embs, cap_embs, cap_lens, shard_size, progress)  # (n_r, n_captions)
@@ -134,8 +137,8 @@ def probe_pair_blocks(model: nn.Module, cfg, probe_split: str, tokenizer=None, p
     data, image_loader, caption_loader = build_eval_loaders(cfg, probe_split, tokenizer, batch_size)
     pairs = load_minimal_pairs(cfg.data_path, cfg.dataset, probe_split)
     rows_a, rows_b = pair_rows(data, pairs)
-    img_embs = encode_image_set(model, image_loader, progress)
-    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
+    img_embs = encode_image_set(model, image_loader, progress, cfg.precision)
+    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress, cfg.precision)
     blocks = pair_block_scores(model.cross_net, img_embs, cap_embs, cap_lens, rows_a, rows_b, data.captions_per_image,
                                pairs_per_call, progress)
     return blocks, data, pairs
@@ -150,7 +153,7 @@ def evaluate_split(model: nn.Module, cfg, split: str, tokenizer=None, progress: 
     "Metrics (recall with intervals; minimal pairs of the split's probe split or its own pairs) and the (n_images, n_captions) matrix."
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     data, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
-    sims = score_split(model, image_loader, caption_loader, shard_size or cfg.shard_size, progress)
+    sims = score_split(model, image_loader, caption_loader, shard_size or cfg.shard_size, progress, cfg.precision)
     metrics = evaluate_sims(sims, cfg.dataset)
     metrics.update(recall_ci95(sims, cfg.dataset))
     probe = probe_split(cfg.dataset, split)

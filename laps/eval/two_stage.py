@@ -155,8 +155,8 @@ def evaluate_split_two_stage(model: nn.Module, cfg, split: str, k: int, *, exhau
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.bert_path)
     _, image_loader, caption_loader = build_eval_loaders(cfg, split, tokenizer, batch_size)
     t0 = time.perf_counter()
-    img_embs = encode_image_set(model, image_loader, progress)
-    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress)
+    img_embs = encode_image_set(model, image_loader, progress, cfg.precision)
+    cap_embs, cap_lens = encode_caption_set(model, caption_loader, progress, cfg.precision)
     seconds_encode = time.perf_counter() - t0
     out, hits = evaluate_two_stage(model, img_embs, cap_embs, cap_lens, k, cfg.dataset, progress, with_hits=True)
     out['seconds']['encode'] = seconds_encode

@@ -87,10 +87,13 @@ class BackboneAdapter(_ImageTokens):
 
     def set_grad_checkpointing(self, model: nn.Module, enabled: bool = True) -> None:
         "Recompute each layer's activations in the backward pass: the backbone's own support, else `checkpoint_layers`."
-        if getattr(model, 'supports_gradient_checkpointing', False):
-            if enabled: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(use_reentrant=False))
-            else: model.gradient_checkpointing_disable()
-        else: checkpoint_layers(self.layers(model), enabled)
+        if not getattr(model, 'supports_gradient_checkpointing', False): return checkpoint_layers(self.layers(model), enabled)
+        kw = dict(use_reentrant=False)
+        if hasattr(model, 'activation_checkpointing_enable'):            # transformers >= 5.2x names it so
+            if enabled: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else: model.activation_checkpointing_disable()
+        elif enabled: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        else: model.gradient_checkpointing_disable()
 
     def set_attention(self, model: nn.Module, implementation: str) -> None:
         "Run the backbone's attention with `implementation` ('sdpa' or 'eager'; laps.core.precision.attention_kernel)."

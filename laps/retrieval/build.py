@@ -17,6 +17,7 @@ from ..data.loaders import load_image, eval_transform, load_tokenizer, encode_ca
 from ..data.datasets import image_folder
 from ..core.distributed import DistInfo, barrier, on_main
 from ..core.devices import model_device
+from ..core.precision import autocast
 from ..core.distributed import shard_range
 from ..core.guards import contained, file_checksums, folder_lock
 from ..core.provenance import command_record, utc_now
@@ -39,25 +40,33 @@ def list_images(folder) -> list[str]:
     return paths
 
 @torch.no_grad()
-def encode_image_batch(model: nn.Module, paths: Sequence[str], img_res: int) -> tuple[list[int], torch.Tensor, torch.Tensor, list[dict]]:
-    "Readable positions, image tokens (b, T, C), unit globals (b, C) and skip records of a batch of image files."
+def encode_image_batch(model: nn.Module, paths: Sequence[str], img_res: int,
+                       precision: str = 'fp32') -> tuple[list[int], torch.Tensor, torch.Tensor, list[dict]]:
+    "Readable positions, fp32 image tokens (b, T, C), unit globals (b, C) and skip records of a batch of image files."
     ok, pixels, skipped = [], [], []
     for i, p in enumerate(paths):
         try: pixels.append(eval_transform(load_image(p), img_res)); ok.append(i)
         except OSError as e: skipped.append(dict(path=str(p), error=str(e)))
     if not ok: return ok, torch.zeros(0), torch.zeros(0), skipped
-    tokens = model.encode_images(torch.stack(pixels).to(model_device(model)))
-    return ok, tokens, model.global_images(tokens), skipped
+    device = model_device(model)
+    with autocast(precision, device):                                      # the encoder and the head under `precision`
+        tokens = model.encode_images(torch.stack(pixels).to(device))
+        globs = model.global_images(tokens)
+    return ok, tokens.float(), globs.float(), skipped
 
 @torch.no_grad()
-def encode_caption_batch(model: nn.Module, tokenizer, texts: Sequence[str], max_word: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Caption tokens (b, L, C), lengths (b,) and unit globals (b, C) of a batch of texts."
+def encode_caption_batch(model: nn.Module, tokenizer, texts: Sequence[str], max_word: int,
+                         precision: str = 'fp32') -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "fp32 caption tokens (b, L, C), lengths (b,) and unit globals (b, C) of a batch of texts."
     ids = [encode_caption(tokenizer, t, max_word) for t in texts]
     L = max(len(x) for x in ids)
     batch = torch.full((len(ids), L), tokenizer.pad_token_id or 0, dtype=torch.long)
     for i, x in enumerate(ids): batch[i, :len(x)] = torch.tensor(x)
-    tokens, lens = model.encode_captions(batch.to(model_device(model)))
-    return tokens, lens, model.global_captions(tokens, lens)
+    device = model_device(model)
+    with autocast(precision, device):
+        tokens, lens = model.encode_captions(batch.to(device))
+        globs = model.global_captions(tokens, lens)
+    return tokens.float(), lens, globs.float()
 
 # %% ../../nbs/72_retrieval.build.ipynb #f08a8a4c
 def split_items(cfg, split: str) -> tuple[list[str], list[dict]]:
@@ -123,8 +132,8 @@ def _known_items(root: Path, kind: str, names: list[str]) -> set[str]:
 def _write_segment(model, cfg, tokenizer, root: Path, kind: str, name: str, items: list[dict], plan_extra: dict,
                    batch_size: int, progress: bool, callback, named: Sequence[str] = ()) -> Path:
     "Encode `items` into the committed segment `root/kind/name` (resuming a matching `.partial`, replacing another build's leftovers, never a segment in `named`)."
-    folder = root / kind
-    plan = dict(items=items, **plan_extra)
+    folder, precision = root / kind, getattr(cfg, 'precision', 'fp32')     # a ModelConfig: fp32
+    plan = dict(items=items, **plan_extra, **({} if precision == 'fp32' else dict(precision=precision)))
     final = folder / name
     if name in named: raise ValueError(f"{final}: listed by {root / 'index.json'}; a build never replaces a committed segment")
     if (final / 'meta.json').is_file() and not final.is_symlink():      # committed by an earlier, interrupted build
@@ -138,11 +147,11 @@ def _write_segment(model, cfg, tokenizer, root: Path, kind: str, name: str, item
         batch = items[w.done:w.done + batch_size]
         ids = range(w.done, w.done + len(batch))
         if kind == 'images':
-            ok, tokens, globs, skipped = encode_image_batch(model, [it['path'] for it in batch], cfg.img_res)
+            ok, tokens, globs, skipped = encode_image_batch(model, [it['path'] for it in batch], cfg.img_res, precision)
             for s in skipped: note(f"laps index: skipped {s['path']}: {s['error']}")
             w.add(len(batch), tokens, globs, [ids[i] for i in ok], skipped=skipped)
         else:
-            tokens, lens, globs = encode_caption_batch(model, tokenizer, [it['text'] for it in batch], cfg.max_word)
+            tokens, lens, globs = encode_caption_batch(model, tokenizer, [it['text'] for it in batch], cfg.max_word, precision)
             w.add(len(batch), tokens, globs, list(ids), lens=lens)
         bar.update(len(batch))
         if callback is not None: callback(kind, w.progress['rows'])
