@@ -158,7 +158,7 @@ def explain(model: nn.Module, image, caption: str, *, tokenizer=None, cfg=None) 
         spa_weights=_plain(lps.get('spa')), alignment={k: _plain(v.cpu()) for k, v in shown.items() if k != 'word_contrib'},
         word_contributions=_plain(shown['word_contrib'].cpu()) if 'word_contrib' in shown else None, image=shown_image(pixels))
 
-# %% ../../nbs/75_retrieval.explain.ipynb #8c9b7bf9
+# %% ../../nbs/75_retrieval.explain.ipynb #9babbb85
 def _on_grid(ax, e: Explanation, values, title: str, cmap: str = 'magma', outline=()):
     "Per-patch `values` (N,) as a heat map over the picture, `outline` patches framed."
     from matplotlib.patches import Rectangle
@@ -172,7 +172,7 @@ def _on_grid(ax, e: Explanation, values, title: str, cmap: str = 'magma', outlin
         y, x = divmod(int(n), gw)
         ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9, 0.9, fill=False, edgecolor='cyan', lw=1.2))
     ax.set_xlim(0, gw); ax.set_ylim(gh, 0); ax.set_xticks(range(gw + 1)); ax.set_yticks(range(gh + 1))
-    ax.tick_params(labelbottom=False, labelleft=False, length=0); ax.grid(True, color='white', lw=0.3, alpha=0.5)
+    ax.tick_params(labelbottom=False, labelleft=False, length=0); ax.grid(True, color='0.5', lw=0.3, alpha=0.6)
     ax.set_title(title, fontsize=8)
 
 def _patch_panels(e: Explanation) -> list:
