@@ -77,7 +77,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(synthetic_run, synthetic_d
              (dict(caption='   '), '--caption is empty'), (dict(out=tmp_path / 'full'), 'folder is not empty'),
              (dict(out=tmp_path / 'a_file'), 'exists and is not a folder')]
     for change, expected in cases:
-        a = dict(image=image, caption='a red circle', out=new, **change)
+        a = {**dict(image=image, caption='a red circle', out=new), **change}
         status = main(['explain', str(synthetic_run), '--image', str(a['image']), '--caption', a['caption'], '--out', str(a['out'])])
         err = capsys.readouterr().err
         assert status == 2 and len(err.splitlines()) == 1 and err.startswith('laps: error: ') and expected in err, (change, err)
