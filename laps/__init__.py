@@ -26,6 +26,7 @@ _API = {
     'laps.retrieval.build': ('build_index', 'list_images'),
     'laps.retrieval.search': ('Index',),
     'laps.retrieval.grids': ('show_hits',),
+    'laps.retrieval.explain': ('explain', 'Explanation'),
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 
@@ -37,7 +38,7 @@ LAYERS = {  # the subpackages bottom-up: each imports only the ones above it in 
     'data': 'the dataset registry, caption files, tokenizer and loaders, the synthetic benchmark generator',
     'eval': 'metrics, bootstrap intervals, minimal pairs, split evaluation, two-stage retrieval, comparisons, engine bench',
     'training': 'one optimisation step, and the runner that trains, evaluates and checkpoints a run',
-    'retrieval': 'the FAISS shortlist index of a gallery, search in it, and its benchmark',
+    'retrieval': 'the FAISS shortlist index of a gallery, search in it, the explanation of one pair, and its benchmark',
     'reports': 'the report runs, their tables and figures, and the papermill pipeline',
     'cli': 'the `laps` command line: one parser module per command over the functions above',
 }
