@@ -12,7 +12,7 @@ from ..core.registry import SIMILARITY_METHODS
 from .lps import image_global, text_globals
 
 # %% auto #0
-__all__ = ['patch_word_scores', 'max_similarity', 'threshold_similarity', 'attention_similarity', 'word_mask',
+__all__ = ['patch_word_scores', 'max_similarity', 'threshold_similarity', 'attention_terms', 'attention_similarity', 'word_mask',
            'masked_max_similarity', 'masked_threshold_similarity', 'masked_attention_similarity', 'SimilarityMethod',
            'register_similarity', 'MaxSimilarity', 'AttentionSimilarity', 'ThresholdSimilarity', 'GlobalSimilarity',
            'DenseSimilarity', 'forms_max_diff']
@@ -38,13 +38,18 @@ def threshold_similarity(S: torch.Tensor, threshold: float = 0.7) -> torch.Tenso
     return _thresholded_mean(S, threshold, -1).mean(-1) + _thresholded_mean(S, threshold, -2).mean(-1)
 
 # %% ../../nbs/14_model.similarity.ipynb #a567e9c3
-def attention_similarity(S: torch.Tensor, i2t_logits: torch.Tensor, t2i_logits: torch.Tensor,
-                         temp: torch.Tensor | float = 1.0) -> torch.Tensor:
-    "attn similarity from S and the two attention logit maps (all (..., L, M)) -> (...)."
+def attention_terms(S: torch.Tensor, i2t_logits: torch.Tensor, t2i_logits: torch.Tensor,
+                    temp: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Each (word, token) entry's share of the attn similarity, A^i2t and A^t2i: S and the logit maps (..., L, M) -> 3 x (..., L, M)."
     L, M = S.shape[-2:]
     a_i2t = (i2t_logits / temp).softmax(dim=-2)                         # over words
     a_t2i = (t2i_logits / temp).softmax(dim=-1)                         # over image tokens
-    return (a_i2t * S / M + a_t2i * S / L).sum(dim=(-2, -1))
+    return a_i2t * S / M + a_t2i * S / L, a_i2t, a_t2i
+
+def attention_similarity(S: torch.Tensor, i2t_logits: torch.Tensor, t2i_logits: torch.Tensor,
+                         temp: torch.Tensor | float = 1.0) -> torch.Tensor:
+    "attn similarity from S and the two attention logit maps (all (..., L, M)) -> (...): the sum of `attention_terms`."
+    return attention_terms(S, i2t_logits, t2i_logits, temp)[0].sum(dim=(-2, -1))
 
 # %% ../../nbs/14_model.similarity.ipynb #55657e02
 def word_mask(lens: torch.Tensor, L: int) -> torch.Tensor:
@@ -165,6 +170,11 @@ class SimilarityMethod:
         "The block form from the engine's cosines split along image tokens, parts [(bv, m, bt, ns*L)]."
         return self.block(params, _cos_block(parts, wmask, self.n_word_sets), wmask)
 
+    def alignment(self, params: dict, words: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        "What it can show of one pair, words (L, C) vs tokens (M, C) as `reference` takes them: named maps and"
+        " `word_contrib` (L,), each word's share of the score; {} (the score only) unless the method declares more."
+        return {}
+
     def __repr__(self) -> str: return f"{type(self).__name__}(name={self.name!r})"
 
 # %% ../../nbs/14_model.similarity.ipynb #bd91c5a1
@@ -184,6 +194,12 @@ class MaxSimilarity(SimilarityMethod):
     def reference(self, params, words, tokens): return max_similarity(patch_word_scores(words, tokens))
     def block(self, params, cos, wmask): return masked_max_similarity(F.leaky_relu(cos[0], 0.1), wmask[None])
     def block_parts(self, params, parts, wmask): return _max_over_parts(parts, wmask)
+    def alignment(self, params, words, tokens):                          # each word's best token, each token's best word
+        S = patch_word_scores(words, tokens)                               # (L, M)
+        L, M = S.shape
+        best_word = S.argmax(-2)                                           # (M,)
+        i2t = torch.zeros_like(S).scatter_(0, best_word[None], S.amax(-2)[None])   # a token credits its best word
+        return dict(scores=S, best_token=S.argmax(-1), best_word=best_word, word_contrib=S.amax(-1) / L + i2t.sum(-1) / M)
 
 # %% ../../nbs/14_model.similarity.ipynb #24e6a2cf
 @register_similarity(replace=True)
@@ -219,6 +235,12 @@ class AttentionSimilarity(SimilarityMethod):
         return attention_similarity(patch_word_scores(words, tokens), q_i2t @ tokens_t, q_t2i @ tokens_t,
                                     params['temp'])
 
+    def alignment(self, params, words, tokens):                          # both attention maps; a word's share: its row of terms
+        _, q_i2t, q_t2i = self.word_sets(params, words)
+        terms, a_i2t, a_t2i = attention_terms(patch_word_scores(words, tokens), q_i2t @ tokens.T, q_t2i @ tokens.T,
+                                              params['temp'][0])
+        return dict(scores=patch_word_scores(words, tokens), attn_i2t=a_i2t, attn_t2i=a_t2i, word_contrib=terms.sum(-1))
+
     def block(self, params, cos, wmask):
         return masked_attention_similarity(F.leaky_relu(cos[0], 0.1), cos[1], cos[2], wmask[None], params['temp'])
 
@@ -238,6 +260,15 @@ class ThresholdSimilarity(SimilarityMethod):
 
     def reference(self, params, words, tokens):
         return threshold_similarity(patch_word_scores(words, tokens), self.threshold)
+
+    def alignment(self, params, words, tokens):                          # the (word, token) pairs that pass
+        S = patch_word_scores(words, tokens)                               # (L, M)
+        L, M = S.shape
+        above = S >= self.threshold
+        cnt = above.sum(-2, keepdim=True)                                  # (1, M) passing words of each token
+        best = F.one_hot(S.argmax(-2), L).T.to(S.dtype)                    # (L, M) each token's best word
+        share = torch.where(cnt > 0, S * above / cnt.clamp(min=1), S * best)   # a token's score, shared among its words
+        return dict(scores=S, passes=above, word_contrib=_thresholded_mean(S, self.threshold, -1) / L + share.sum(-1) / M)
 
     def block(self, params, cos, wmask):
         return masked_threshold_similarity(F.leaky_relu(cos[0], 0.1), wmask[None], self.threshold)
