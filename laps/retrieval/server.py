@@ -22,15 +22,18 @@ __all__ = ['SERVE_EXTRA', 'FORM_SLACK', 'SECURITY_HEADERS', 'PAGE_CSP', 'PAGE_ST
            'servable_path', 'png_bytes', 'decode_upload', 'bomb_png', 'LRU', 'SearchService', 'explanation_summary',
            'explanation_png', 'read_upload', 'create_app', 'page_html', 'is_loopback', 'serve']
 
-# %% ../../nbs/76_retrieval.server.ipynb #b36a8108
+# %% ../../nbs/76_retrieval.server.ipynb #e19b8dee
 SERVE_EXTRA = "pip install 'laps[serve]'"
+
+def _importable(module: str) -> bool:
+    try: __import__(module); return True
+    except ImportError: return False
 
 def require_serve() -> None:
     "Raise ImportError naming the `serve` extra unless FastAPI, uvicorn and python-multipart are installed."
-    missing = []
-    for module in ('fastapi', 'uvicorn', 'multipart'):
-        try: __import__(module)
-        except ImportError: missing.append('python-multipart' if module == 'multipart' else module)
+    missing = [name for name, modules in (('fastapi', ['fastapi']), ('uvicorn', ['uvicorn']),
+                                          ('python-multipart', ['python_multipart', 'multipart']))
+               if not any(_importable(m) for m in modules)]
     if missing: raise ImportError(f"laps serve needs {', '.join(missing)}: {SERVE_EXTRA}")
 
 # %% ../../nbs/76_retrieval.server.ipynb #8880ffa4
@@ -160,7 +163,7 @@ class SearchService:
             out = fn(*args, **kw)
         return out, 1e3 * (t1 - t0), 1e3 * (time.perf_counter() - t1)
 
-# %% ../../nbs/76_retrieval.server.ipynb #2e55bbaf
+# %% ../../nbs/76_retrieval.server.ipynb #6721e369
 def _image_hit(self, h: Hit) -> dict:
     return dict(rank=h.rank, id=h.row, score=h.score, shortlist_score=h.shortlist_score,
                 name=Path(str(h.item.get('path', ''))).name, url=f'/api/image/{h.row}')
@@ -192,22 +195,29 @@ def _search_image(self, data: bytes, k: str | None = None, rerank: str | None = 
 def _image_png(self, item: str | None) -> bytes:
     "The PNG thumbnail (at most 256 px) of indexed image `item`; 404 for an id outside the index or a file it may not serve."
     i = id_param(item, 'item', self.n_images, 'images')
+    path = self.servable(i)                                             # checked on every request, cached or not
+    st = path.stat()
+    key = (i, st.st_mtime_ns, st.st_size)                               # a changed file is read again
     with self.cache_lock:
-        if i in self.thumbs: return self.thumbs.get_or(i, None)
+        if key in self.thumbs: return self.thumbs.get_or(key, None)
     png = png_bytes(self.image(i), 256)
-    with self.cache_lock: return self.thumbs.get_or(i, lambda: png)
+    with self.cache_lock: return self.thumbs.get_or(key, lambda: png)
+
+def _servable(self, i: int) -> Path:
+    "The file of indexed image `i` if it may be served (`servable_path`); else RequestError 404."
+    path = servable_path(self.image_items[i].get('path', ''))
+    if path is None: raise RequestError(404, f"image {i} is not available (its file is missing, or not a plain image file)")
+    return path
 
 def _image(self, i: int) -> Image.Image:
     "Indexed image `i` decoded (bounded in pixels); 404 when its file may not be served or cannot be read."
-    path = servable_path(self.image_items[i].get('path', ''))
-    if path is None: raise RequestError(404, f"image {i} is not available (its file is missing, or not a plain image file)")
-    try: return load_image(path, max_pixels=self.limits.max_pixels)
+    try: return load_image(self.servable(i), max_pixels=self.limits.max_pixels)
     except OSError: raise RequestError(404, f"image {i} is not available (its file cannot be decoded)") from None
 
-SearchService._image_hit, SearchService._caption_hit, SearchService.image = _image_hit, _caption_hit, _image
+SearchService._image_hit, SearchService._caption_hit, SearchService.servable, SearchService.image = _image_hit, _caption_hit, _servable, _image
 SearchService.search, SearchService.search_image, SearchService.image_png = _search, _search_image, _image_png
 
-# %% ../../nbs/76_retrieval.server.ipynb #87912348
+# %% ../../nbs/76_retrieval.server.ipynb #637c8557
 def explanation_summary(d: dict) -> dict:
     "What the page shows of an `Explanation.to_dict()`: {'numbers': {name: value}, 'words': [{'word', 'contribution'}]} (the aligned words' shares of the similarity)."
     n_patches = d['grid'][0] * d['grid'][1]
@@ -244,6 +254,7 @@ def _png(self, entry: dict) -> bytes:
 def _explain(self, item: str | None, q: str | None) -> dict:
     "Why indexed image `item` matches the text `q`: the explanation's numbers, a summary, and the URL of its figure."
     i, q = id_param(item, 'item', self.n_images, 'images'), text_param(q, 'q', self.limits.max_query_chars)
+    self.servable(i)                                                    # a file changed since: 404, cached or not
     entry, queue, ms = self._explanation(('item', i, q), lambda: self.image(i), q)
     return dict(item=i, query=q, name=Path(str(self.image_items[i].get('path', ''))).name, url=f'/api/image/{i}',
                 png='/api/explain.png?' + urlencode(dict(item=i, q=q)), summary=explanation_summary(entry['dict']),
@@ -252,6 +263,7 @@ def _explain(self, item: str | None, q: str | None) -> dict:
 def _explain_png(self, item: str | None, q: str | None) -> bytes:
     "The figure of `explain(item, q)` as PNG bytes."
     i, q = id_param(item, 'item', self.n_images, 'images'), text_param(q, 'q', self.limits.max_query_chars)
+    self.servable(i)                                                    # a file changed since: 404, cached or not
     entry, _, _ = self._explanation(('item', i, q), lambda: self.image(i), q)
     return self.run(self._png, entry)[0]
 
