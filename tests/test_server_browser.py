@@ -49,6 +49,7 @@ def test_search_explain_upload_and_errors_in_a_real_browser(browser, served):
     d.get(url + '/')
     wait.until(lambda d: 'images' in d.find_element(By.ID, 'info').text)
     assert d.find_element(By.ID, 'info').text.startswith('12 images, 60 captions')
+    assert d.execute_script("return document.getElementById('k').value") == '6'          # the server's -k
     box = d.find_element(By.ID, 'q')
     box.send_keys('a small red circle left of a blue square')
     d.find_element(By.ID, 'go').click()
@@ -63,7 +64,7 @@ def test_search_explain_upload_and_errors_in_a_real_browser(browser, served):
     wait.until(lambda d: d.find_element(By.ID, 'explain').is_displayed())
     wait.until(lambda d: d.execute_script("const i = document.getElementById('ex-png'); return i.complete && i.naturalWidth > 100"))
     numbers = d.find_element(By.ID, 'ex-numbers').text
-    assert 'similarity' in numbers, numbers
+    assert 'similarity' in numbers and 'kept patches' in numbers and 'per-word contributions' in numbers, numbers
     assert 'a small red circle left of a blue square' in d.find_element(By.ID, 'ex-title').text
     assert not d.find_element(By.ID, 'grid').is_displayed()
     _shot(d, 'laps-serve-explain.png')

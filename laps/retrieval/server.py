@@ -217,14 +217,14 @@ def _image(self, i: int) -> Image.Image:
 SearchService._image_hit, SearchService._caption_hit, SearchService.servable, SearchService.image = _image_hit, _caption_hit, _servable, _image
 SearchService.search, SearchService.search_image, SearchService.image_png = _search, _search_image, _image_png
 
-# %% ../../nbs/76_retrieval.server.ipynb #637c8557
+# %% ../../nbs/76_retrieval.server.ipynb #76fe6042
 def explanation_summary(d: dict) -> dict:
     "What the page shows of an `Explanation.to_dict()`: {'numbers': {name: value}, 'words': [{'word', 'contribution'}]} (the aligned words' shares of the similarity)."
     n_patches = d['grid'][0] * d['grid'][1]
     kept = d.get('kept_patches')
     numbers = {'similarity': d['similarity'], 'method': d['method'],
                'kept patches': f"{len(kept)} of {n_patches}" if kept is not None else f"all {n_patches} (no slimming)",
-               'best kept patches': ', '.join(map(str, kept[:8])) + (' ...' if len(kept) > 8 else '') if kept else '-',
+               'best kept patches': ', '.join(str(int(p)) for p in kept[:8]) + (' ...' if len(kept) > 8 else '') if kept else '-',
                'kept words': f"{len(d['kept_words'])} of {len(d['words'])}", 'image tokens aligned': len(d['tokens'])}
     words = [dict(word=d['words'][r] if r >= 0 else '[caption]', contribution=c)
              for r, c in zip(d['aligned_words'], d.get('word_contributions') or [])]
@@ -480,7 +480,7 @@ $('#file').onchange = () => {
 };
 """
 
-# %% ../../nbs/76_retrieval.server.ipynb #bd601c76
+# %% ../../nbs/76_retrieval.server.ipynb #a89d6a0b
 PAGE_SCRIPT_EXPLAIN = """
 function numbers(s) {
   const rows = Object.entries(s.numbers || {}).map(([k, v]) => el('tr', {}, el('th', {textContent: k}),
@@ -513,7 +513,9 @@ function explainCaption(h) {
 }
 $('#back').onclick = () => { $('#explain').hidden = true; $('#grid').hidden = $('#captions').hidden = false; };
 call('/api/info').then(i => { $('#info').textContent = `${i.images} images, ${i.captions} captions \u00b7 ` +
-  `${i.model.similarity} \u00b7 ${i.index.join(', ')}`; $('#k').value = String(i.defaults.k); }).catch(e => showError(e.message));
+  `${i.model.similarity} \u00b7 ${i.index.join(', ')}`; const k = String(i.defaults.k);
+  if (![...$('#k').options].some(o => o.value === k)) $('#k').add(new Option(`${k} results`, k), 0);
+  $('#k').value = k; }).catch(e => showError(e.message));
 """
 
 def page_html(k_options=(5, 10, 20, 50, 100)) -> str:
