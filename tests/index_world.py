@@ -49,3 +49,13 @@ def make_world(root: Path, data: Path) -> dict:
         (runs[name] / 'commands.jsonl').write_text(json.dumps({'argv': ['laps', 'train']}) + '\n')
         (runs[name] / 'config.json').write_text(json.dumps(cfg.to_dict()))   # a run directory keeps its run's LapsConfig
     return dict(root=root, data=data, gallery=gallery, n_images=len(imgs), **runs)
+
+
+def build_world_index(world: dict, out: Path) -> Path:
+    "An index in `out` of the synthetic test split (12 images, 60 captions) built with `world`'s tiny model with a global head."
+    from laps.checkpoint.run import load_any_checkpoint
+    from laps.retrieval.build import build_index, split_items
+    model, cfg, _ = load_any_checkpoint(world['head'])
+    images, captions = split_items(cfg, 'test')
+    build_index(model, cfg, out, images=images, captions=captions, source=world['head'], progress=False)
+    return out

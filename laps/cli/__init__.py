@@ -24,6 +24,7 @@ COMMANDS = {  # `laps NAME`: (module of laps.cli that parses and runs it, its li
     'data': ('data', 'dataset tools'),
     'bench': ('bench', 'benchmark the reference and fast similarity engines (--index RUN: the search index)'),
     'report': ('report', 'run one report notebook with papermill'),
+    'serve': ('serve', 'a local search page and JSON API over an index (--bench: its load benchmark)'),
 }
 
 def command_module(name: str) -> ModuleType:

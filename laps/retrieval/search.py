@@ -4,7 +4,7 @@
 
 # %% ../../nbs/73_retrieval.search.ipynb #75e7b2dd
 from __future__ import annotations
-import os
+import os, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,7 +20,7 @@ from .faiss_index import faiss_search, read_faiss
 from .build import encode_caption_batch
 
 # %% auto #0
-__all__ = ['check_rerank', 'Hit', 'Collection', 'load_index_model', 'Index']
+__all__ = ['check_rerank', 'Hit', 'Collection', 'load_index_model', 'stopwatch', 'Index']
 
 # %% ../../nbs/73_retrieval.search.ipynb #af0406ba
 def check_rerank(k: int, rerank: int | None = None, flags: tuple[str, str] = ('k', 'rerank')) -> int:
@@ -36,11 +36,12 @@ def check_rerank(k: int, rerank: int | None = None, flags: tuple[str, str] = ('k
 
 @dataclass
 class Hit:
-    "One search result: rank (0-based), LAPS score (the shortlist score when not re-ranked), shortlist score, the item."
+    "One search result: rank (0-based), LAPS score (the shortlist score when not re-ranked), shortlist score, the item, and its row (its id in the index's collection)."
     rank: int
     score: float
     shortlist_score: float
     item: dict
+    row: int = -1
 
 # %% ../../nbs/73_retrieval.search.ipynb #7747f0ae
 class Collection:
@@ -161,7 +162,16 @@ def _rerank_hits(coll: Collection, D: np.ndarray, I: np.ndarray, k: int, rerank:
         order = np.argsort(-scores, kind='stable')[:k]
         ids, top, short = cand[order], scores[order], D[:rerank][order]
     else: ids, top, short = I[:k], D[:k], D[:k]
-    return [Hit(r, float(s), float(g), it) for r, (s, g, it) in enumerate(zip(top, short, coll.items(ids)))]
+    return [Hit(r, float(s), float(g), it, int(i)) for r, (s, g, it, i) in enumerate(zip(top, short, coll.items(ids), ids))]
+
+def stopwatch(timings: dict | None):
+    "A `lap(name)` that stores the milliseconds since the previous lap in `timings[name]` (nothing when `timings` is None)."
+    last = [time.perf_counter()]
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        if timings is not None: timings[name] = 1e3 * (now - last[0])
+        last[0] = now
+    return lap
 
 # %% ../../nbs/73_retrieval.search.ipynb #70f9ef82
 class Index:
@@ -193,28 +203,30 @@ class Index:
                 f"{self.record['global_embedding']})")
 
     @torch.no_grad()
-    def search(self, text: str, k: int = 10, rerank: int | None = None) -> list[Hit]:
-        "The `k` best images for `text`: FAISS shortlist of max(k, rerank), re-ranked by LAPS (None: max(k, DEFAULT_RERANK); 0: shortlist order)."
+    def search(self, text: str, k: int = 10, rerank: int | None = None, timings: dict | None = None) -> list[Hit]:
+        "The `k` best images for `text`: FAISS shortlist of max(k, rerank), re-ranked by LAPS (None: max(k, DEFAULT_RERANK); 0: shortlist order); `timings` receives encode_ms, shortlist_ms, rerank_ms."
         check_text(text)
         rerank = check_rerank(k, rerank)
-        device = model_device(self.model)
-        cap, lens, g = encode_caption_batch(self.model, self.tokenizer, [text], self.cfg.max_word)
-        D, I = self.images.shortlist(g.float().cpu().numpy(), max(k, rerank))
+        device, lap = model_device(self.model), stopwatch(timings)
+        cap, lens, g = encode_caption_batch(self.model, self.tokenizer, [text], self.cfg.max_word); lap('encode_ms')
+        D, I = self.images.shortlist(g.float().cpu().numpy(), max(k, rerank)); lap('shortlist_ms')
         def score(cand):
             tokens, _ = self.images.tokens(cand)
             return self.model.cross_net(tokens.to(device), cap, lens)[:, 0].float().cpu().numpy()
-        return _rerank_hits(self.images, D[0], I[0], k, rerank, score)
+        hits = _rerank_hits(self.images, D[0], I[0], k, rerank, score); lap('rerank_ms')
+        return hits
 
     @torch.no_grad()
-    def search_image(self, image, k: int = 10, rerank: int | None = None) -> list[Hit]:
+    def search_image(self, image, k: int = 10, rerank: int | None = None, timings: dict | None = None) -> list[Hit]:
         "The `k` best indexed captions for an image (a path or a PIL image), as `search`."
         rerank = check_rerank(k, rerank)
         img = load_image(image) if isinstance(image, (str, Path)) else image
-        device = model_device(self.model)
-        tokens = self.model.encode_images(eval_transform(img, self.cfg.img_res)[None].to(device))
-        D, I = self.captions.shortlist(self.model.global_images(tokens).float().cpu().numpy(), max(k, rerank))
+        device, lap = model_device(self.model), stopwatch(timings)
+        tokens = self.model.encode_images(eval_transform(img, self.cfg.img_res)[None].to(device)); lap('encode_ms')
+        D, I = self.captions.shortlist(self.model.global_images(tokens).float().cpu().numpy(), max(k, rerank)); lap('shortlist_ms')
         def score(cand):
             caps, lens = self.captions.tokens(cand)
             L = int(lens.max())
             return self.model.cross_net(tokens, caps[:, :L].to(device), lens.to(device))[0].float().cpu().numpy()
-        return _rerank_hits(self.captions, D[0], I[0], k, rerank, score)
+        hits = _rerank_hits(self.captions, D[0], I[0], k, rerank, score); lap('rerank_ms')
+        return hits
