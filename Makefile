@@ -11,7 +11,9 @@
 #                    at c9200d4 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 #   make gpu-check   the CUDA paths in one command (tests/gpu_check.py: engine vs reference and bench on cuda, fp32 and
-#                    bf16 autocast, bf16's effect on test recall, two-stage eval on cuda); only where a GPU is at hand
+#                    bf16 autocast; `laps bench --train` of the paper preset at batch 32 and 128 for fp32/bf16/fp16 with and
+#                    without gradient checkpointing; a short bf16 training run beside fp32 and bf16's effect on test recall;
+#                    two-stage eval on cuda); only where a GPU is at hand
 #   make check-install  `pip install .` (no extras) into a fresh temporary venv and run `laps` there:
 #                    the runtime needs no dev tools (CI; 159-224 s measured on the shared 2-core machine, about 2.5 min of CPU)
 SHELL := /bin/bash

@@ -14,8 +14,8 @@ from .step import optimizer_for, training_step
 from .runner import configure_compute
 
 # %% auto #0
-__all__ = ['BUDGETS_GIB', 'bench_config', 'random_batch', 'time_training_step', 'largest_batch', 'add_ratios', 'run_train_bench',
-           'format_train_bench']
+__all__ = ['BUDGETS_GIB', 'bench_config', 'random_batch', 'prepare_step', 'time_training_step', 'largest_batch', 'add_ratios',
+           'run_train_bench', 'format_train_bench', 'profile_training_step']
 
 # %% ../../nbs/62_training.bench.ipynb #af0550b5
 def _rss_mb() -> float:
@@ -47,11 +47,9 @@ def random_batch(cfg, batch_size: int, pad_id: int, seed: int = 0, captions=None
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda': torch.cuda.synchronize(device)
 
-def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0,
-                       device: str = 'cpu', steps: int = 3, warmup: int = 1, seed: int = 0, threads: int | None = None,
-                       captions=None, **overrides) -> dict:
-    "Seconds per training step (median and best of `steps`) and peak memory (MiB) of one combination."
-    if threads is not None: torch.set_num_threads(threads)
+def prepare_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0, device: str = 'cpu',
+                 seed: int = 0, captions=None, **overrides):
+    "-> (step, model_mb): a closure running one training step of the combination (returns its loss), and the memory before it."
     cfg = bench_config(preset, precision, grad_checkpointing, device, batch_size=batch_size, **overrides)
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -63,6 +61,15 @@ def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', gr
     def step() -> float:
         return training_step(model, batch, optimizer, cfg, epoch=cfg.vse_mean_warmup_epochs, step=0,
                              steps_per_epoch=1, scaler=scaler)['loss']
+    return step, model_mb
+
+def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0,
+                       device: str = 'cpu', steps: int = 3, warmup: int = 1, seed: int = 0, threads: int | None = None,
+                       captions=None, **overrides) -> dict:
+    "Seconds per training step (median and best of `steps`) and peak memory (MiB) of one combination."
+    if threads is not None: torch.set_num_threads(threads)
+    dev = torch.device(device)
+    step, model_mb = prepare_step(preset, batch_size, precision, grad_checkpointing, device, seed, captions, **overrides)
     row = dict(precision=precision, grad_checkpointing=int(grad_checkpointing), batch=batch_size, model_mb=model_mb,
                threads=torch.get_num_threads(), oom=False)
     try:
@@ -71,7 +78,7 @@ def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', gr
         for _ in range(steps):
             _sync(dev); t = time.perf_counter(); loss = step(); _sync(dev); times.append(time.perf_counter() - t)
     except torch.OutOfMemoryError:                                         # CUDA: this combination does not fit
-        del model, optimizer, batch; torch.cuda.empty_cache()
+        del step; torch.cuda.empty_cache()
         return dict(row, oom=True, seconds=math.nan, seconds_best=math.nan, peak_mb=math.nan, loss=math.nan)
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else _peak_rss_mb()
     return dict(row, seconds=statistics.median(times), seconds_best=min(times), peak_mb=peak, loss=loss)
@@ -147,3 +154,15 @@ def format_train_bench(res: dict) -> str:
     for combo, est in res['largest_batch_estimate'].items():
         lines.append(f"largest batch (estimate, linear in batch) {combo}: " + ', '.join(f"{g}: {b}" for g, b in est.items()))
     return '\n'.join(lines)
+
+# %% ../../nbs/62_training.bench.ipynb #584fe451
+def profile_training_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0,
+                          steps: int = 2, row_limit: int = 15, threads: int | None = None, **kw) -> str:
+    "torch.profiler's operator table (self CPU time) of `steps` training steps of one combination, after a warm-up step."
+    from torch.profiler import profile, ProfilerActivity
+    if threads is not None: torch.set_num_threads(threads)
+    step, _ = prepare_step(preset, batch_size, precision, grad_checkpointing, **kw)
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps): step()
+    return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=row_limit)
