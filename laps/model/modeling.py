@@ -13,7 +13,7 @@ from .global_head import GlobalHead, fallback_images, fallback_captions, global_
 from .pretrained import LapsHubMixin
 
 # %% auto #0
-__all__ = ['keep_text_layers', 'frozen_text_modules', 'freeze_text_layers', 'LAPSModel', 'unwrap_model']
+__all__ = ['keep_text_layers', 'frozen_text_modules', 'freeze_text_layers', 'ComputeSettings', 'LAPSModel', 'unwrap_model']
 
 # %% ../../nbs/21_model.modeling.ipynb #6f6cd964
 def _text_layers(text: nn.Module, n_layers: int, flag: str) -> nn.ModuleList:
@@ -52,8 +52,21 @@ def _backbones(cfg: ModelConfig, vision_backbone=None, text_backbone=None) -> tu
                          f"at img_res={cfg.img_res}; set num_patches={n}")
     return vision, text
 
+# %% ../../nbs/21_model.modeling.ipynb #db6b064f
+class ComputeSettings:
+    "Switches of both backbones of a model holding `img_enc` and `txt_enc` (a `LAPSModel`)."
+    def set_grad_checkpointing(self, enabled: bool = True) -> 'ComputeSettings':
+        "Gradient checkpointing of both backbones (`--grad_checkpointing 1`): same gradients, less memory."
+        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_grad_checkpointing(enc.backbone, enabled)
+        return self
+
+    def set_attention(self, implementation: str) -> 'ComputeSettings':
+        "Both backbones' attention implementation, 'sdpa' or 'eager' (laps.core.precision.attention_kernel)."
+        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_attention(enc.backbone, implementation)
+        return self
+
 # %% ../../nbs/21_model.modeling.ipynb #15e07005
-class LAPSModel(nn.Module, LapsHubMixin):
+class LAPSModel(nn.Module, LapsHubMixin, ComputeSettings):
     "Encoders + cross-modal network; `forward(pixel_values, input_ids)` gives the similarity matrix."
     def __init__(self, cfg: ModelConfig, vision_backbone=None, text_backbone=None,
                  engine: str | None = None):  # the cross-modal engine (None: a LapsConfig's `engine`, else fast)
@@ -73,16 +86,6 @@ class LAPSModel(nn.Module, LapsHubMixin):
         "Training mode for everything but the frozen text modules, which stay in eval mode (no dropout)."
         super().train(mode)
         for module in frozen_text_modules(self.txt_enc.bert, self.cfg.freeze_text_layers): module.train(False)
-        return self
-
-    def set_grad_checkpointing(self, enabled: bool = True) -> 'LAPSModel':
-        "Gradient checkpointing of both backbones (`--grad_checkpointing 1`): same gradients, less memory."
-        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_grad_checkpointing(enc.backbone, enabled)
-        return self
-
-    def set_attention(self, implementation: str) -> 'LAPSModel':
-        "Both backbones' attention implementation, 'sdpa' or 'eager' (laps.core.precision.attention_kernel)."
-        for enc in (self.img_enc, self.txt_enc): enc.adapter.set_attention(enc.backbone, implementation)
         return self
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -171,8 +171,7 @@ class SimilarityMethod:
         return self.block(params, _cos_block(parts, wmask, self.n_word_sets), wmask)
 
     def alignment(self, params: dict, words: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        "What it can show of one pair, words (L, C) vs tokens (M, C) as `reference` takes them: named maps and"
-        " `word_contrib` (L,), each word's share of the score; {} (the score only) unless the method declares more."
+        "One pair, words (L, C) vs tokens (M, C): named maps and `word_contrib` (L,), each word's share; {}: the score only."
         return {}
 
     def __repr__(self) -> str: return f"{type(self).__name__}(name={self.name!r})"

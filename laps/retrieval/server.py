@@ -237,6 +237,7 @@ def explanation_png(explanation) -> bytes:
     draw_explanation(explanation).savefig(buf, format='png', dpi=110)
     return buf.getvalue()
 
+# %% ../../nbs/76_retrieval.server.ipynb #0baefaa2
 def _explanation(self, key, image, text: str) -> tuple[dict, float, float]:
     "The cached entry {'explanation', 'dict', 'png'} of (`image()`, `text`), made holding the model's lock: (entry, ms waited, ms run)."
     def make():
