@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import ViTConfig, SwinConfig, BertConfig, ViTModel, SwinModel, BertModel
 import laps.model.pretrained
-from laps.checkpoint.run import save_checkpoint, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
+from laps.checkpoint.run import save_checkpoint, load_trainer_state, load_checkpoint, load_any_checkpoint, resolve_checkpoint, refresh_model_card
 from laps.checkpoint.released import load_legacy_checkpoint, convert_legacy_state_dict, config_from_opt, read_legacy_checkpoint, convert_checkpoint
 from laps.core.rng import rng_states, restore_rng_states
 from laps.core.errors import CheckpointError
@@ -95,16 +95,25 @@ def test_resume_restores_optimizer_and_rng(tiny_vit, tiny_bert, tmp_path):
     assert opt2.param_groups[0]['lr'] == pytest.approx(1e-2 * 0.3)
 
 
-def test_save_checkpoint_has_no_scheduler_or_scaler_parameters(tiny_vit, tiny_bert, tmp_path):
-    "They were never used (the runner sets the lr per epoch); passing them is an error, not silently ignored state."
+def test_save_checkpoint_has_no_scheduler_parameter(tiny_vit, tiny_bert, tmp_path):
+    "It was never used (the runner sets the lr per epoch); passing one is an error, not silently ignored state."
     model = _model(tiny_vit, tiny_bert)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[1], gamma=0.3)
     with pytest.raises(TypeError, match='scheduler'):
         save_checkpoint(tmp_path / 'c', model, optimizer=opt, scheduler=sched)
-    with pytest.raises(TypeError, match='scaler'):
-        save_checkpoint(tmp_path / 'c', model, scaler=torch.amp.GradScaler('cpu'))
     assert not (tmp_path / 'c').exists()
+
+
+def test_save_checkpoint_keeps_the_fp16_scaler(tiny_vit, tiny_bert, tmp_path):
+    "fp16 training's gradient scaler (--precision fp16) is saved with the optimizer, so a resume continues its scale."
+    model = _model(tiny_vit, tiny_bert)
+    scaler = torch.amp.GradScaler('cpu', init_scale=256.0)
+    save_checkpoint(tmp_path / 'c', model, optimizer=torch.optim.AdamW(model.parameters()), scaler=scaler)
+    state = load_trainer_state(tmp_path / 'c')
+    resumed = torch.amp.GradScaler('cpu')
+    resumed.load_state_dict(state['scaler'])
+    assert resumed.get_scale() == 256.0 and 'optimizer' in state
 
 
 def test_failed_write_keeps_old_checkpoint_and_leaves_no_temp(tiny_vit, tiny_bert, tmp_path, monkeypatch):
