@@ -89,6 +89,7 @@ class BackboneAdapter(_ImageTokens):
         "Recompute each layer's activations in the backward pass: the backbone's own support, else `checkpoint_layers`."
         if not getattr(model, 'supports_gradient_checkpointing', False): return checkpoint_layers(self.layers(model), enabled)
         kw = dict(use_reentrant=False)
+        if enabled and getattr(model.config, 'use_cache', None): model.config.use_cache = False   # no cache to keep in training
         if hasattr(model, 'activation_checkpointing_enable'):            # transformers >= 5.2x names it so
             if enabled: model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
             else: model.activation_checkpointing_disable()
