@@ -14,8 +14,8 @@ from ..model.encoders import adapter_for, backbone_config
 from ..model.engine import engine_flops, DEFAULT_MEMORY_BUDGET
 
 # %% auto #0
-__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'gemm_gflops', 'BenchRun',
-           'bench_setup', 'bench_eval', 'bench_flops', 'bench_train', 'run_bench']
+__all__ = ['DEFAULT_CAPTIONS', 'log', 'repo_root', 'CaptionLengths', 'caption_lengths', 'best_time', 'peak_rss_mb', 'rss_mb',
+           'gemm_gflops', 'BenchRun', 'bench_setup', 'bench_eval', 'bench_flops', 'bench_train', 'run_bench']
 
 # %% ../../nbs/56_eval.bench.ipynb #7c2fd89e
 DEFAULT_CAPTIONS = 'tests/fixtures/f30k/test_caps.txt'  # relative to the repository root: the real Flickr30K test captions
@@ -67,6 +67,17 @@ def best_time(fn, device: str = 'cpu', repeats: int = 3, clock: str = 'wall') ->
         t = now(); fn(); _sync(device)
         best = min(best, now() - t)
     return best
+
+def peak_rss_mb() -> float:
+    "This process's lifetime peak resident set, MiB (`ru_maxrss`: KiB on Linux, bytes on macOS)."
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == 'Darwin' else peak / 1024
+
+def rss_mb() -> float:
+    "This process's current resident set, MiB (Linux /proc; NaN elsewhere)."
+    try:
+        with open('/proc/self/statm') as f: return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError: return math.nan
 
 def gemm_gflops(device: str = 'cpu', n: int = 2048, repeats: int = 5, clock: str = 'wall') -> float:
     "Measured fp32 GEMM throughput (GFLOP/s) of an n x n by n x n product."
@@ -256,5 +267,5 @@ def run_bench(*, quick: bool = False, captions: str | Path | None = None, thread
     if train:
         ref_train_texts = min(train_batch, 8 if quick else 32) if ref_train_texts is None else min(ref_train_texts, train_batch)
         bench_train(run, train_batch, ref_train_texts)
-    run.out['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run.out['peak_rss_mb'] = peak_rss_mb()
     return run.out

@@ -13,17 +13,14 @@ from .build import commit_segments, encode_caption_batch
 from .search import Index, Collection
 from ..data.loaders import load_tokenizer, build_eval_loaders
 from ..eval.evaluate import encode_image_set
+from ..eval.bench import peak_rss_mb  # one home for the process's peak resident memory
 
 # %% auto #0
-__all__ = ['peak_rss_mb', 'rss_parts_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build',
-           'measure_search', 'shortlist_recall', 'child_main', 'prepare_base', 'run_index_bench',
-           'format_index_bench_row', 'format_index_bench', 'open_cost']
+__all__ = ['rss_parts_mb', 'replicated_rows', 'build_replicated', 'folder_bytes', 'measure_build', 'measure_search',
+           'shortlist_recall', 'child_main', 'prepare_base', 'run_index_bench', 'format_index_bench_row',
+           'format_index_bench', 'open_cost']
 
 # %% ../../nbs/79_retrieval.bench.ipynb #2d75e635
-def peak_rss_mb() -> float:
-    "Peak resident memory of this process so far, MiB (Linux `ru_maxrss` is in KiB)."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
 def rss_parts_mb() -> dict:
     "Resident memory now, MiB: anonymous (the process's own) and file-backed (mapped file pages), where /proc tells."
     try: status = Path('/proc/self/status').read_text()

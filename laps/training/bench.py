@@ -4,12 +4,12 @@
 
 # %% ../../nbs/62_training.bench.ipynb #9ef78209
 from __future__ import annotations
-import concurrent.futures, math, multiprocessing, platform, resource, statistics, time
+import concurrent.futures, math, multiprocessing, platform, statistics, time
 import torch
 from ..core.config import PRECISIONS, get_config
 from ..core.precision import grad_scaler
 from ..model.modeling import LAPSModel
-from ..eval.bench import caption_lengths
+from ..eval.bench import caption_lengths, peak_rss_mb, rss_mb
 from .step import optimizer_for, training_step
 from .runner import configure_compute
 
@@ -18,17 +18,6 @@ __all__ = ['BUDGETS_GIB', 'bench_config', 'random_batch', 'prepare_step', 'time_
            'run_train_bench', 'format_train_bench', 'profile_training_step']
 
 # %% ../../nbs/62_training.bench.ipynb #af0550b5
-def _rss_mb() -> float:
-    "This process's current resident set, MiB (Linux /proc; NaN elsewhere)."
-    try:
-        with open('/proc/self/statm') as f: return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError: return math.nan
-
-def _peak_rss_mb() -> float:
-    "This process's lifetime peak resident set, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == 'Darwin' else peak / 1024
-
 def bench_config(preset: str, precision: str = 'fp32', grad_checkpointing: int = 0, device: str = 'cpu', **overrides):
     "The `LapsConfig` a benchmark step trains: `preset` with random backbones, `precision` and checkpointing, on `device`."
     return get_config(preset, vision_pretrained=False, text_pretrained=False, precision=precision,
@@ -57,7 +46,7 @@ def prepare_step(preset: str, batch_size: int, precision: str = 'fp32', grad_che
     optimizer, scaler = optimizer_for(model, cfg), grad_scaler(cfg.precision, dev)
     batch = {k: v.to(dev) for k, v in random_batch(cfg, batch_size, model.txt_enc.pad_token_id, seed, captions).items()}
     if dev.type == 'cuda': torch.cuda.reset_peak_memory_stats(dev); model_mb = torch.cuda.memory_allocated(dev) / 2**20
-    else: model_mb = _rss_mb()
+    else: model_mb = rss_mb()
     def step() -> float:
         return training_step(model, batch, optimizer, cfg, epoch=cfg.vse_mean_warmup_epochs, step=0,
                              steps_per_epoch=1, scaler=scaler)['loss']
@@ -80,7 +69,7 @@ def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', gr
     except torch.OutOfMemoryError:                                         # CUDA: this combination does not fit
         del step; torch.cuda.empty_cache()
         return dict(row, oom=True, seconds=math.nan, seconds_best=math.nan, peak_mb=math.nan, loss=math.nan)
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else _peak_rss_mb()
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == 'cuda' else peak_rss_mb()
     return dict(row, seconds=statistics.median(times), seconds_best=min(times), peak_mb=peak, loss=loss)
 
 # %% ../../nbs/62_training.bench.ipynb #0b13da2b
