@@ -1,4 +1,4 @@
-"""The synthetic fine-grained benchmark v2: determinism, layout, graded minimal pairs, aligned captions, leakage, version refusal, pair batches."""
+"""The synthetic fine-grained benchmark v3: determinism, layout, graded minimal pairs, aligned captions, leakage, version refusal, pair batches."""
 import difflib, hashlib, json, re
 from collections import Counter
 from pathlib import Path
@@ -12,8 +12,8 @@ from laps.cli import main
 from laps.data.synthetic import (generate_synthetic, plan_splits, scene_captions, mirror, SYNONYMS, COLOURS, SHAPES,
                             SIZES, PAIR_KINDS, SPLITS, TEMPLATES, GENERATOR_VERSION)
 
-SMALL = dict(n_train=28, n_dev=14, n_test=14, dev_probe_pairs=2, test_probe_pairs=3)   # 28 + 14 + 14 + 28 + 42 images
-N_IMAGES = 126
+SMALL = dict(n_train=28, n_dev=16, n_test=16, dev_probe_pairs=2, test_probe_pairs=3)   # 28 + 16 + 16 + 32 + 48 images
+N_IMAGES = 140
 
 
 def tree_hash(folder: Path) -> dict:
@@ -39,6 +39,7 @@ def pairs_of(root, split) -> list:
 # --- what the tests know about scenes, from the written files only (not the generator's internals)
 attrs = lambda o: (o['shape'], o['colour'], o['size'])
 key = lambda r: (r['layout'],) + tuple(attrs(o) for o in r['objects'])
+cell = lambda d: (d['side'], d['slot'])
 
 
 def canon(r) -> tuple:
@@ -52,6 +53,17 @@ def differs_by(a: dict, b: dict, kind: str) -> bool:
     oa, ob = a['objects'], b['objects']
     if a['layout'] != b['layout'] or canon(a) == canon(b): return False
     colours_a = {o['colour'] for o in oa}
+    da, db = a['distractors'], b['distractors']
+    if [cell(d) for d in da] != [cell(d) for d in db]: return False             # distractors never move
+    if kind == 'distractor_swap':                                               # a described object and a look-alike swap colours
+        if len(oa) != len(ob): return False
+        diff = [k for k in range(len(oa)) if attrs(oa[k]) != attrs(ob[k])]
+        ddiff = [k for k in range(len(da)) if attrs(da[k]) != attrs(db[k])]
+        if len(diff) != 1 or len(ddiff) != 1: return False
+        o1, o2, d1, d2 = oa[diff[0]], ob[diff[0]], da[ddiff[0]], db[ddiff[0]]
+        return ((o1['shape'], o1['size']) == (o2['shape'], o2['size']) == (d1['shape'], d1['size']) == (d2['shape'], d2['size'])
+                and (o1['colour'], d1['colour']) == (d2['colour'], o2['colour']) and o1['colour'] != d1['colour'])
+    if [attrs(d) for d in da] != [attrs(d) for d in db]: return False           # other kinds leave the distractors alone
     if kind == 'count_change':
         small_, big_ = (oa, ob) if len(oa) < len(ob) else (ob, oa)
         return (len(small_), len(big_)) == (2, 3) and any(
@@ -100,17 +112,17 @@ def test_reads_back_through_the_reader_ids_unique(small):
         ids += s.image_ids
         assert all(p.suffix == '.png' for p in paths)
         assert all(len(set(s.captions[5 * k:5 * k + 5])) == 5 for k in range(s.n_images))   # 5 different captions
-    assert sizes == dict(train=(28, 140), dev=(14, 70), test=(14, 70), dev_probes=(28, 140), test_probes=(42, 210))
+    assert sizes == dict(train=(28, 140), dev=(16, 80), test=(16, 80), dev_probes=(32, 160), test_probes=(48, 240))
     assert sorted(ids) == list(range(N_IMAGES))                             # unique over the whole folder
     assert set(json.loads((small / 'synthetic' / 'id_mapping.json').read_text())) == {str(i) for i in ids}
-    assert read_split(small, 'synthetic', 'test').image_ids == list(range(42, 56))
+    assert read_split(small, 'synthetic', 'test').image_ids == list(range(44, 60))
     meta = json.loads((small / 'synthetic' / 'meta.json').read_text())
-    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.synthetic', 2, list(PAIR_KINDS))
+    assert (meta['generator'], meta['version'], list(meta['pair_kinds'])) == ('laps.synthetic', 3, list(PAIR_KINDS))
 
 
 def test_kind_table():
     assert list(PAIR_KINDS) == ['colour_change', 'shape_change', 'size_change', 'count_change',
-                                'colour_binding', 'size_binding', 'relation_swap']
+                                'colour_binding', 'size_binding', 'relation_swap', 'distractor_swap']
     assert [k for k, v in PAIR_KINDS.items() if not v.bow_solvable] == ['colour_binding', 'size_binding', 'relation_swap']
     assert all(v.name == k and v.doc and callable(v.perturb) for k, v in PAIR_KINDS.items())
     assert get_dataset('synthetic').probe_splits == {'dev': 'dev_probes', 'test': 'test_probes'}
@@ -220,7 +232,7 @@ def test_no_leakage_in_the_written_files(small):
 def test_minimal_pair_properties_at_full_size():
     plan = plan_splits(seed=0)                                              # the default sizes, no rendering
     train_keys = {canon(s) for s in plan['train'][0]}
-    sizes = dict(train=3500, dev=500, test=1000, dev_probes=2800, test_probes=7000)
+    sizes = dict(train=3500, dev=500, test=1000, dev_probes=3200, test_probes=8000)
     held = []
     for split, n in sizes.items():
         scenes, pairs = plan[split]
@@ -231,7 +243,7 @@ def test_minimal_pair_properties_at_full_size():
         share2 = sum(len(s['objects']) == 2 for s in scenes) / n
         assert 0.22 < share2 < 0.34, (split, share2)                         # the same mix of 2 and 3 objects everywhere
     assert Counter(k for _, _, k in plan['test_probes'][1]) == Counter({k: 500 for k in PAIR_KINDS})
-    assert Counter(k for _, _, k in plan['test'][1]) == Counter({k: 72 if i < 3 else 71 for i, k in enumerate(PAIR_KINDS)})
+    assert Counter(k for _, _, k in plan['test'][1]) == Counter({k: 63 if i < 4 else 62 for i, k in enumerate(PAIR_KINDS)})
     assert len(set(held)) == len(held) and not set(held) & train_keys and len(train_keys) == 3500
 
 
@@ -246,6 +258,16 @@ def test_rendered_objects_where_the_metadata_says(small):
             assert np.abs(px - np.array(COLOURS[o['colour']])).max() < 40, (r['id'], o, px)
         along = [o['x'] if r['layout'] == 'horizontal' else o['y'] for o in r['objects']]
         assert along == sorted(along)                                      # reading order = left->right / top->bottom
+        across = lambda o: o['y'] if r['layout'] == 'horizontal' else o['x']
+        assert all(64 / 3 - 1 < across(o) - o['w'] / 2 and across(o) + o['w'] / 2 < 128 / 3 + 1 for o in r['objects'])
+        assert 1 <= len(r['distractors']) <= 3
+        for d in r['distractors']:                                         # distractors: in their outer band, where they say
+            assert (across(d) + d['w'] / 2 < 64 / 3) if d['side'] == 0 else (across(d) - d['w'] / 2 > 128 / 3)
+            if d['shape'] in ('cross', 'triangle'): continue
+            px = a[int(round(d['y'])), int(round(d['x']))]
+            assert np.abs(px - np.array(COLOURS[d['colour']])).max() < 40, (r['id'], d, px)
+    first = np.asarray(Image.open(small / 'synthetic' / 'images' / '000000.png')).astype(float)
+    assert first.std(axis=(0, 1)).min() > 5                                 # a textured background, not one flat colour
 
 
 def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
@@ -269,13 +291,13 @@ def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['mine', 'synthetic']   # no temporary folders left
 
 
-def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
+def test_version_2_folder_is_refused_with_advice(tmp_path, capsys):
     out = tmp_path / 'synthetic'
     args = ['--out', str(out), '--n_train', '4', '--n_dev', '2', '--n_test', '2', '--dev_probe_pairs', '1', '--test_probe_pairs', '1']
     assert main(['data', 'synthetic', *args]) == 0; capsys.readouterr()
     meta = json.loads((out / 'meta.json').read_text())
-    (out / 'meta.json').write_text(json.dumps(dict(meta, version=1)))
-    advice = (f"{out} was made by laps.synthetic version 1; this laps reads version 2: "
+    (out / 'meta.json').write_text(json.dumps(dict(meta, version=2)))
+    advice = (f"{out} was made by laps.synthetic version 2; this laps reads version 3: "
               f"regenerate it with `laps data synthetic --out {out} --force`")
     with pytest.raises(ValueError) as e: read_split(tmp_path, 'synthetic', 'train')
     assert str(e.value) == advice
@@ -284,19 +306,19 @@ def test_version_1_folder_is_refused_with_advice(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"laps data synthetic: error: {advice}"
     assert tree_hash(out) == before                                         # refused: nothing touched
     assert main(['data', 'synthetic', *args + ['--force']]) == 0
-    assert json.loads((out / 'meta.json').read_text())['version'] == 2 and read_split(tmp_path, 'synthetic', 'train').n_images == 4
+    assert json.loads((out / 'meta.json').read_text())['version'] == 3 and read_split(tmp_path, 'synthetic', 'train').n_images == 4
 
 
-def test_train_with_a_version_1_folder_fails_in_one_line(tmp_path):
+def test_train_with_a_version_2_folder_fails_in_one_line(tmp_path):
     import subprocess, sys
     out = tmp_path / 'synthetic'
     generate_synthetic(out, n_train=4, n_dev=2, n_test=2, dev_probe_pairs=1, test_probe_pairs=1)
-    (out / 'meta.json').write_text(json.dumps(dict(json.loads((out / 'meta.json').read_text()), version=1)))
+    (out / 'meta.json').write_text(json.dumps(dict(json.loads((out / 'meta.json').read_text()), version=2)))
     r = subprocess.run([sys.executable, '-m', 'laps', 'train', '--preset', 'cpu', '--data_path', str(tmp_path),
                         '--logger_name', str(tmp_path / 'run'), '--num_epochs', '1'], capture_output=True, text=True, timeout=300)
     lines = [l for l in r.stderr.strip().split('\n') if l]
-    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.synthetic version 1; this laps reads "
-                                               f"version 2: regenerate it with `laps data synthetic --out {out} --force`"), r.stderr
+    assert r.returncode == 2 and lines[-1] == (f"laps: error: {out} was made by laps.synthetic version 2; this laps reads "
+                                               f"version 3: regenerate it with `laps data synthetic --out {out} --force`"), r.stderr
 
 
 def test_loaders_on_synthetic_with_cpu_preset(small):
@@ -305,9 +327,9 @@ def test_loaders_on_synthetic_with_cpu_preset(small):
     b = next(iter(build_train_loader(cfg, tok)))
     assert b['images'].shape == (8, 3, 64, 64) and b['input_ids'].shape[0] == 8
     split, il, cl = build_eval_loaders(cfg, 'test', tok)
-    assert [x['images'].shape[0] for x in il] == [8, 6] and sum(x['input_ids'].shape[0] for x in cl) == 70
+    assert [x['images'].shape[0] for x in il] == [8, 8] and sum(x['input_ids'].shape[0] for x in cl) == 80
     split, il, cl = build_eval_loaders(cfg, 'test_probes', tok)
-    assert split.n_images == 42
+    assert split.n_images == 48
 
 
 def test_pair_batches_put_partners_together(small):
@@ -359,8 +381,8 @@ def test_runner_uses_the_pair_sampler(small, tmp_path):
 @pytest.mark.slow
 def test_default_generation(tmp_path):
     s = generate_synthetic(tmp_path / 'synthetic')
-    assert [s[k]['images'] for k in SPLITS] == [3500, 500, 1000, 2800, 7000]
-    assert s['test_probes']['minimal_pairs'] == 3500 and s['train']['minimal_pairs'] == 1750
+    assert [s[k]['images'] for k in SPLITS] == [3500, 500, 1000, 3200, 8000]
+    assert s['test_probes']['minimal_pairs'] == 4000 and s['train']['minimal_pairs'] == 1750
     t = read_split(tmp_path, 'synthetic', 'test')
     check_images(t, tmp_path / 'synthetic' / 'images')
     assert len(set(t.captions)) > 4900
@@ -371,5 +393,5 @@ def test_the_folder_format_keeps_its_name(synthetic_data):
     "before the move into laps/data are read, and a folder written now reads with the code of then."
     from laps.data.datasets import folder_format_problem
     meta = json.loads((synthetic_data / 'synthetic' / 'meta.json').read_text())
-    assert (meta['generator'], meta['version']) == ('laps.synthetic', 2)
+    assert (meta['generator'], meta['version']) == ('laps.synthetic', 3)
     assert folder_format_problem(get_dataset('synthetic'), synthetic_data / 'synthetic') is None

@@ -126,7 +126,7 @@ BUILTIN_DATASETS = (
     DatasetSpec('coco', image_folder_flag='coco_img_path', protocol=EvalProtocol(fold_size=1000, full_pass_prefix='5k_'),
                 test_split='testall', loss_overrides={'trip': {'nonzero_loss_cutoff': 1.9}}),
     DatasetSpec('synthetic', augmentation=TrainAugmentation(crop_scale=(0.8, 1.0), flip_words=(('left', 'right'),)),
-                folder_format={'generator': 'laps.synthetic', 'version': 2},  # the format's name: folders keep it
+                folder_format={'generator': 'laps.synthetic', 'version': 3},  # the format's name: folders keep it
                 regenerate='laps data synthetic --out {folder} --force',
                 probe_splits={'dev': 'dev_probes', 'test': 'test_probes'}),
 )

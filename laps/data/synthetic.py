@@ -4,7 +4,7 @@
 
 # %% ../../nbs/42_data.synthetic.ipynb #b24c18ca
 from __future__ import annotations
-import json, os, re, shutil, time
+import colorsys, json, os, re, shutil, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,30 +14,33 @@ from ..core.atomic import write_text_atomic
 from .datasets import get_dataset, folder_format_problem
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'BACKGROUND', 'P_THREE', 'GENERATOR', 'GENERATOR_VERSION', 'PAIR_KINDS',
-           'SYNONYMS', 'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key', 'random_scene',
-           'PairKind', 'perturb', 'make_partner', 'render_scene', 'object_phrase', 'fill_template', 'scene_captions',
-           'flip_caption', 'plan_splits', 'generate_synthetic']
+__all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'P_THREE', 'N_DISTRACTORS', 'TEXTURES', 'GENERATOR', 'GENERATOR_VERSION',
+           'PAIR_KINDS', 'SYNONYMS', 'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key',
+           'random_scene', 'PairKind', 'perturb', 'make_partner', 'texture', 'background', 'render_scene',
+           'object_phrase', 'fill_template', 'scene_captions', 'flip_caption', 'plan_splits', 'generate_synthetic']
 
 # %% ../../nbs/42_data.synthetic.ipynb #4900482d
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
 COLOURS = {'red': (220, 40, 40), 'green': (40, 175, 60), 'blue': (50, 95, 240), 'yellow': (240, 220, 40),
            'purple': (155, 70, 205), 'orange': (250, 140, 30), 'white': (235, 235, 235)}
-SIZES = {'small': 0.19, 'big': 0.31}  # object width as a fraction of the image side
-LAYOUTS = ('horizontal', 'vertical')  # objects ordered left -> right, or top -> bottom
-BACKGROUND = (45, 45, 48)
-P_THREE = 0.75  # probability of 3 objects (else 2) in a sampled scene: 2-object scenes are few (about 6,300 up to mirror)
+SIZES = {'small': 0.18, 'big': 0.28}  # object width as a fraction of the image side (at 64 px: 12 and 18 px, 1.5-2.3 patches of 8 px)
+LAYOUTS = ('horizontal', 'vertical')  # described objects ordered left -> right in the middle band, or top -> bottom
+P_THREE = 0.75  # probability of 3 described objects (else 2) in a sampled scene: 2-object scenes are few (about 6,300 up to mirror)
+N_DISTRACTORS = (1, 2, 3)  # unmentioned objects per scene (uniform), in the two outer bands, 3 slots each
+TEXTURES = ('stripes', 'checks', 'blobs', 'grain')  # background textures, one per image, in muted colours
 GENERATOR, GENERATOR_VERSION = (get_dataset('synthetic').folder_format[k] for k in ('generator', 'version'))  # the format this laps reads is the one it writes
 
 # %% ../../nbs/42_data.synthetic.ipynb #f4e608c3
 def scene_key(scene: dict) -> tuple:
-    "Hashable identity of a scene up to rendering jitter (synonym choices ignored)."
+    "Hashable identity of a scene's described part up to rendering jitter (synonym choices and distractors ignored)."
     return (scene['layout'],) + tuple((o['shape'], o['colour'], o['size']) for o in scene['objects'])
 
 def mirror(scene: dict) -> dict:
-    "The scene seen in a horizontal mirror: a row reversed; a column unchanged."
+    "The scene seen in a horizontal mirror: a row reversed, a column unchanged; distractors move to their mirrored slot."
     objs = [dict(o) for o in scene['objects']]
-    return dict(scene, objects=objs[::-1] if scene['layout'] == 'horizontal' else objs)
+    horizontal = scene['layout'] == 'horizontal'
+    ds = [dict(d, slot=2 - d['slot']) if horizontal else dict(d, side=1 - d['side']) for d in scene.get('distractors', ())]
+    return dict(scene, objects=objs[::-1] if horizontal else objs, distractors=ds)
 
 def canonical_key(scene: dict) -> tuple:
     "Identity up to horizontal mirror and rendering jitter: the smaller of the scene's and its mirror's key."
@@ -48,12 +51,19 @@ def _new_object(rng: np.random.Generator, taken: set) -> dict:
     return dict(shape=SHAPES[int(rng.integers(len(SHAPES)))], colour=colour, size=('small', 'big')[int(rng.integers(2))],
                 syn=[int(rng.integers(2)), int(rng.integers(2))])
 
-def random_scene(rng: np.random.Generator, n: int | None = None) -> dict:  # n: objects (None: 3 with p = P_THREE, else 2)
-    "2 or 3 objects with distinct colours, random shapes, sizes and synonym choices, in a row or a column."
+def _new_distractors(rng: np.random.Generator) -> list[dict]:
+    "1-3 unmentioned objects of any shape, colour and size, each in its own cell (side 0/1 of the band, slot 0-2 along it)."
+    k = N_DISTRACTORS[int(rng.integers(len(N_DISTRACTORS)))]
+    cells = sorted(int(c) for c in rng.permutation(6)[:k])
+    return [dict(shape=SHAPES[int(rng.integers(len(SHAPES)))], colour=str(rng.choice(list(COLOURS))),
+                 size=('small', 'big')[int(rng.integers(2))], side=c // 3, slot=c % 3) for c in cells]
+
+def random_scene(rng: np.random.Generator, n: int | None = None) -> dict:  # n: described objects (None: 3 with p = P_THREE, else 2)
+    "2 or 3 described objects with distinct colours in a row or a column, and 1-3 unmentioned distractors around them."
     n = n if n is not None else (3 if rng.random() < P_THREE else 2)
     objs = []
     for _ in range(n): objs.append(_new_object(rng, {o['colour'] for o in objs}))
-    return dict(layout=LAYOUTS[int(rng.integers(2))], objects=objs)
+    return dict(layout=LAYOUTS[int(rng.integers(2))], objects=objs, distractors=_new_distractors(rng))
 
 # %% ../../nbs/42_data.synthetic.ipynb #f5f1f783
 @dataclass(frozen=True)
@@ -65,7 +75,8 @@ class PairKind:
     perturb: Callable  # (scene, rng) -> partner scene, or None when `scene` does not admit this change
 
 def _copy(scene: dict) -> dict:
-    return dict(layout=scene['layout'], objects=[dict(o, syn=list(o['syn'])) for o in scene['objects']])
+    return dict(layout=scene['layout'], objects=[dict(o, syn=list(o['syn'])) for o in scene['objects']],
+                distractors=[dict(d) for d in scene.get('distractors', ())])
 
 def _colour_change(scene, rng):
     s = _copy(scene); o = s['objects'][int(rng.integers(len(s['objects'])))]
@@ -114,6 +125,15 @@ def _relation_swap(scene, rng):
     i = int(rng.integers(len(objs) - 1))
     objs[i], objs[i + 1] = objs[i + 1], objs[i]
     return s
+def _distractor_swap(scene, rng):
+    s = _copy(scene); objs, ds = s['objects'], s['distractors']
+    used = {o['colour'] for o in objs}
+    cand = [(i, j) for i, o in enumerate(objs) for j, d in enumerate(ds)
+            if (d['shape'], d['size']) == (o['shape'], o['size']) and d['colour'] not in used]   # a look-alike in another colour
+    if not cand: return None
+    i, j = cand[int(rng.integers(len(cand)))]
+    objs[i]['colour'], ds[j]['colour'] = ds[j]['colour'], objs[i]['colour']
+    return s
 
 # %% ../../nbs/42_data.synthetic.ipynb #ea837a45
 PAIR_KINDS: dict[str, PairKind] = {k.name: k for k in (
@@ -124,6 +144,8 @@ PAIR_KINDS: dict[str, PairKind] = {k.name: k for k in (
     PairKind('colour_binding', False, "two objects of different shapes exchange their colours", _colour_binding),
     PairKind('size_binding', False, "two objects of different sizes exchange their sizes", _size_binding),
     PairKind('relation_swap', False, "two neighbouring objects exchange their places", _relation_swap),
+    PairKind('distractor_swap', True, "a described object exchanges its colour with an unmentioned look-alike (same shape and size)",
+             _distractor_swap),
 )}
 
 def perturb(scene: dict, kind: str, rng: np.random.Generator) -> dict | None:
@@ -152,25 +174,63 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, w: 
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
     else: raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
 
-def render_scene(scene: dict, img_size: int, rng: np.random.Generator, ss: int = 4) -> tuple[Image.Image, list[dict]]:
-    "Render `scene` to an RGB image; also the drawn centres and widths (pixels) of its objects."
-    S, n = img_size, len(scene['objects'])
-    bg = tuple(min(255, max(0, c + int(j))) for c, j in zip(BACKGROUND, rng.integers(-8, 9, 3)))
-    big = Image.new('RGB', (S * ss, S * ss), bg)
-    draw = ImageDraw.Draw(big)
-    slot, placed = S / n, []
-    for k, o in enumerate(scene['objects']):
-        w = SIZES[o['size']] * S * float(rng.uniform(0.95, 1.05))
+def texture(S: int, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    "One of `TEXTURES` as an (S, S) field in [0, 1]: stripes at any angle, checks, smooth blobs or grain."
+    kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
+    y, x = np.mgrid[0:S, 0:S].astype(np.float64)
+    if kind == 'stripes':
+        th, period = rng.uniform(0, np.pi), rng.uniform(5, 12)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (x * np.cos(th) + y * np.sin(th)) / period + rng.uniform(0, 2 * np.pi))
+    elif kind == 'checks':
+        p = rng.uniform(5, 12); ox, oy = rng.uniform(0, p, 2)
+        t = (np.floor((x + ox) / p) + np.floor((y + oy) / p)) % 2
+    elif kind == 'blobs':
+        g = int(rng.integers(3, 7))
+        coarse = Image.fromarray(rng.random((g, g)).astype(np.float32))
+        t = np.clip(np.asarray(coarse.resize((S, S), Image.Resampling.BICUBIC), dtype=np.float64), 0, 1)
+    else: t = rng.random((S, S))
+    return kind, t
+
+def background(S: int, rng: np.random.Generator) -> np.ndarray:
+    "(S, S, 3) float RGB: a texture between two muted colours (saturation <= 0.3, value 0.15-0.57), never an object's colour."
+    _, t = texture(S, rng)
+    h, s, v = rng.random(), rng.uniform(0.05, 0.3), rng.uniform(0.15, 0.35)
+    c1 = np.array(colorsys.hsv_to_rgb(h, s, v))
+    c2 = np.array(colorsys.hsv_to_rgb((h + rng.uniform(-0.08, 0.08)) % 1, s, v + rng.uniform(0.1, 0.22)))
+    return 255 * (c1 * (1 - t[..., None]) + c2 * t[..., None])
+
+# %% ../../nbs/42_data.synthetic.ipynb #2fee0d98
+def _centres(scene: dict, S: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    "(x, y, width) in pixels of every object: the described ones along the middle band, then the distractors in the outer bands."
+    n, out = len(scene['objects']), []
+    def place(along_slot: float, slot: float, across: float, size: str):
+        w = SIZES[size] * S * float(rng.uniform(0.95, 1.05))
         room = max(0.0, (slot - w) / 2 - 1)
-        along = slot * (k + 0.5) + float(rng.uniform(-room, room))
-        across = S / 2 + float(rng.uniform(-0.08, 0.08)) * S
-        cx, cy = (along, across) if scene['layout'] == 'horizontal' else (across, along)
+        along = along_slot + float(rng.uniform(-room, room))
+        out.append((along, across, w) if scene['layout'] == 'horizontal' else (across, along, w))
+    for k, o in enumerate(scene['objects']):
+        place(S / n * (k + 0.5), S / n, S / 2 + float(rng.uniform(-0.03, 0.03)) * S, o['size'])
+    for d in scene.get('distractors', ()):
+        place(S / 3 * (d['slot'] + 0.5), S / 3, S * (0.16 if d['side'] == 0 else 0.84) + float(rng.uniform(-0.01, 0.01)) * S, d['size'])
+    return out
+
+def render_scene(scene: dict, img_size: int, rng: np.random.Generator, ss: int = 4) -> tuple[Image.Image, list[dict], list[dict]]:
+    "Render `scene` to an RGB image; also the drawn centres and widths (pixels) of its described objects and of its distractors."
+    S = img_size
+    bg = background(S, rng)
+    layer = Image.new('RGBA', (S * ss, S * ss), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    items = list(scene['objects']) + list(scene.get('distractors', ()))
+    placed = []
+    for o, (cx, cy, w) in zip(items, _centres(scene, S, rng)):
         fill = tuple(min(255, max(0, c + int(j))) for c, j in zip(COLOURS[o['colour']], rng.integers(-12, 13, 3)))
-        _draw_shape(draw, o['shape'], cx * ss, cy * ss, w * ss, fill)
+        _draw_shape(draw, o['shape'], cx * ss, cy * ss, w * ss, fill + (255,))
         placed.append(dict(x=round(cx, 2), y=round(cy, 2), w=round(w, 2)))
-    img = np.asarray(big.resize((S, S), Image.Resampling.BOX), dtype=np.float32)
-    img = img + rng.normal(0, 3, img.shape)
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), placed
+    fg = np.asarray(layer.resize((S, S), Image.Resampling.BOX), dtype=np.float64)   # anti-aliased edges, alpha premultiplied
+    alpha = fg[..., 3:] / 255
+    img = bg * (1 - alpha) + fg[..., :3] * alpha + rng.normal(0, 3, (S, S, 3))
+    n = len(scene['objects'])
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), placed[:n], placed[n:]
 
 # %% ../../nbs/42_data.synthetic.ipynb #4d40d82b
 SYNONYMS = {'small': ('small', 'little'), 'big': ('big', 'large'), 'circle': ('circle', 'disc'),
@@ -255,11 +315,11 @@ def plan_splits(seed: int = 0, n_train: int = 3500, n_dev: int = 500, n_test: in
     return {s: plan[s] for s in SPLITS}
 
 # %% ../../nbs/42_data.synthetic.ipynb #72fcd11b
-def _render_one(scene: dict, img_id: int, seed: int, img_size: int, folder: Path) -> list[dict]:
+def _render_one(scene: dict, img_id: int, seed: int, img_size: int, folder: Path) -> tuple[list[dict], list[dict]]:
     rng = np.random.default_rng([int(seed), int(img_id)])
-    img, placed = render_scene(scene, img_size, rng)
+    img, placed, around = render_scene(scene, img_size, rng)
     img.save(Path(folder) / f'{img_id:06d}.png', compress_level=1)   # noisy pixels barely compress: level 1 is ~30% faster
-    return placed
+    return placed, around
 
 def _meta(folder: Path) -> dict | None:
     try: meta = json.loads((folder / 'meta.json').read_text())
@@ -273,11 +333,12 @@ def _write_split(folder: Path, split: str, scenes: list[dict], pairs: list[tuple
     ids = list(range(first_id, first_id + len(scenes)))
     caps, records = [], []
     for img_id, scene in zip(ids, scenes):
-        placed = _render_one(scene, img_id, seed, img_size, folder / 'images')
+        placed, around = _render_one(scene, img_id, seed, img_size, folder / 'images')
         caps += scene_captions(scene, scene['templates'])
         mapping[str(img_id)] = f'{img_id:06d}.png'
         records.append(dict(id=img_id, file=mapping[str(img_id)], layout=scene['layout'], templates=scene['templates'],
-                            objects=[{**o, **p} for o, p in zip(scene['objects'], placed)]))
+                            objects=[{**o, **p} for o, p in zip(scene['objects'], placed)],
+                            distractors=[{**d, **p} for d, p in zip(scene['distractors'], around)]))
     write_text_atomic(folder / f'{split}_caps.txt', ''.join(c + '\n' for c in caps))
     write_text_atomic(folder / f'{split}_ids.txt', ''.join(f'{i}\n' for i in ids for _ in range(N_TEMPLATES)))
     write_text_atomic(folder / f'{split}_scenes.json', json.dumps(records, indent=0) + '\n')
