@@ -7,6 +7,8 @@
 #                    the test probes, printing the per-kind minimal-pair table beside the bag-of-words oracle
 #                    (900 s on a fresh clone of the 2-core machine; the measured numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
+#   make pretrain    rebuild the built-in vision backbone laps/conv-vit-synth (laps/weights/conv-vit-synth: weights,
+#                    model card, pretrain.json) by caption-free multi-label pretraining on synthetic scenes
 #   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 72 min 41 s measured
 #                    at c9200d4 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
@@ -25,7 +27,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.laps-installed
 
-.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench reports reports-quick \
+.PHONY: install export clean-nbs sync-check readme test test-nbs test-py test-slow lab demo bench pretrain reports reports-quick \
 	check-install gpu-check
 
 $(STAMP): pyproject.toml
@@ -63,6 +65,10 @@ test-slow: $(STAMP)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab nbs
+
+# The ImageNet analogue of the synthetic world: the weights the cpu preset fine-tunes from (laps.training.pretrain).
+pretrain: $(STAMP)
+	$(BIN)/laps pretrain --out laps/weights/conv-vit-synth --force
 
 # The embedded default: the synthetic fine-grained benchmark on the cpu preset. Each demo run gets
 # its own run directory, so re-running never overwrites an earlier one. `laps eval RUN --split test`

