@@ -10,7 +10,7 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['add_arguments', 'run']
 
-# %% ../../nbs/95b_cli.pretrain.ipynb #0566adc4
+# %% ../../nbs/95b_cli.pretrain.ipynb #7dd148f0
 def add_arguments(p: argparse.ArgumentParser) -> None:
     "`laps pretrain`'s flags: `PretrainConfig`'s fields and where to write."
     p.add_argument('--out', required=True, metavar='DIR', help='folder for config.json, model.safetensors, pretrain.json, README.md')
@@ -21,14 +21,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--n_train', type=int, default=20000, help='training scenes')
     p.add_argument('--n_val', type=int, default=2000, help='held-out scenes')
     p.add_argument('--img_size', type=int, default=64, help='image side in pixels')
-    p.add_argument('--epochs', type=int, default=6)
-    p.add_argument('--batch_size', type=int, default=128)
-    p.add_argument('--learning_rate', type=float, default=1e-3)
+    p.add_argument('--epochs', type=int, default=8)
+    p.add_argument('--batch_size', type=int, default=64)
+    p.add_argument('--learning_rate', type=float, default=2e-3)
     p.add_argument('--weight_decay', type=float, default=0.05)
     p.add_argument('--precision', default='bf16', help='fp32 | bf16 | fp16 autocast (default bf16)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
 
-# %% ../../nbs/95b_cli.pretrain.ipynb #d2005c19
+# %% ../../nbs/95b_cli.pretrain.ipynb #ddcfef72
 def run(args: argparse.Namespace) -> int:
     "`laps pretrain`: pretrain, save with the model card, print the held-out accuracy per attribute."
     from laps.core.provenance import command_record                     # torch: when the command runs
@@ -46,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
     record['command'] = command_record(['laps', 'pretrain', *sys.argv[2:]] if sys.argv[1:2] == ['pretrain'] else None)
     save_pretrained_backbone(backbone, record, out, force=args.force)
     print(f"wrote {out} in {record['seconds']['total']:.0f} s; held-out accuracy (exact / f1, %):")
-    for g, m in record['held_out'].items(): print(f"  {g:<13} {m['exact']:6.1f} {m['f1']:6.1f}")
+    for g, m in record['held_out'].items(): print(f"  {g:<13} " + ' '.join(f'{v:6.1f}' for v in m.values()))
     return 0

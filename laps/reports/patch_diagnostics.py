@@ -12,7 +12,7 @@ from ..model.lps import n_kept_patches, image_global, text_global, text_globals,
 
 # %% auto #0
 __all__ = ['object_patches', 'closest_captions', 'patch_selection', 'draw_patch_selection', 'caption_markup',
-           'selection_rankings', 'kept_change']
+           'selection_rankings', 'kept_change', 'cls_cosine']
 
 # %% ../../nbs/84_reports.patch_diagnostics.ipynb #dd655032
 def object_patches(objects: list[dict], img_size: int, img_res: int, n_patches: int) -> np.ndarray:
@@ -149,3 +149,19 @@ def kept_change(a, b) -> np.ndarray:
     k = a.sum(-1)
     if (k != b.sum(-1)).any() or (k == 0).any(): raise ValueError("kept_change: both selections must keep the same, non-zero number of patches per row")
     return 1 - (a & b).sum(-1) / k
+
+# %% ../../nbs/84_reports.patch_diagnostics.ipynb #f471d7a7
+def _mean_offdiag_cosine(x: torch.Tensor) -> float:
+    "Mean cosine over all ordered pairs of distinct rows of (n, d) `x`."
+    c = F.normalize(x.float(), dim=-1); s = c @ c.T; n = len(c)
+    return float((s.sum() - s.diagonal().sum()) / (n * (n - 1)))
+
+@torch.no_grad()
+def cls_cosine(text_encoder, input_ids: torch.Tensor) -> dict[str, float]:
+    "{'embeddings', 'layer_1', ..., 'joint'}: mean pairwise cosine of the [CLS] token over (B >= 2, L) captions."
+    if input_ids.shape[0] < 2: raise ValueError(f"cls_cosine needs at least 2 captions, got {input_ids.shape[0]}")
+    mask = (input_ids != text_encoder.pad_token_id).long()
+    hidden = text_encoder.backbone(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    out = {('embeddings' if k == 0 else f'layer_{k}'): _mean_offdiag_cosine(h[:, 0]) for k, h in enumerate(hidden)}
+    out['joint'] = _mean_offdiag_cosine(text_encoder(input_ids)[:, 0])
+    return out
