@@ -150,7 +150,7 @@ def kept_change(a, b) -> np.ndarray:
     if (k != b.sum(-1)).any() or (k == 0).any(): raise ValueError("kept_change: both selections must keep the same, non-zero number of patches per row")
     return 1 - (a & b).sum(-1) / k
 
-# %% ../../nbs/84_reports.patch_diagnostics.ipynb #f471d7a7
+# %% ../../nbs/84_reports.patch_diagnostics.ipynb #5179870b
 def _mean_offdiag_cosine(x: torch.Tensor) -> float:
     "Mean cosine over all ordered pairs of distinct rows of (n, d) `x`."
     c = F.normalize(x.float(), dim=-1); s = c @ c.T; n = len(c)
