@@ -28,7 +28,8 @@ _TYPES = {  # declared type -> (accepts, what the message says is expected)
     'list[int]': (lambda v: isinstance(v, (list, tuple)) and all(_is_int(e) and not isinstance(e, bool) for e in v),
                   'a list of integers')}
 
-_AT_LEAST = dict(num_epochs=1, log_step=1, val_step=0, workers=0, seed=0, gpu_id=0, margin=0)  # name -> smallest value
+_AT_LEAST = dict(num_epochs=1, log_step=1, val_step=0, workers=0, seed=0, gpu_id=0, margin=0, plateau_patience=0,
+                 plateau_min_delta=0, plateau_decays=0)  # name -> smallest value
 _POSITIVE = ('learning_rate', 'grad_clip', 'decay_rate')
 
 def _check_types(cfg) -> None:
@@ -176,6 +177,9 @@ def _check_run(cfg) -> None:
             raise ValueError(f"{name} must be 0 or 1, got {getattr(cfg, name)!r}")
     for name in ('batch_size', 'shard_size'):
         if getattr(cfg, name) < 1: raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.plateau_patience and not cfg.eval:
+        raise ValueError(f"plateau_patience {cfg.plateau_patience} needs a validation after every epoch (eval 1), got eval "
+                         f"{int(cfg.eval)}")
 
 # %% ../../nbs/01_core.config.ipynb #0c8a8628
 class _HoldsModel:
@@ -223,6 +227,9 @@ class LapsConfig(_ModelFields, _Serialised, _HoldsModel):
     learning_rate: float = 2e-4
     lr_schedules: list[int] = field(default_factory=lambda: [9, 15, 20, 25])  # epochs where lr *= decay_rate
     decay_rate: float = 0.3
+    plateau_patience: int = 0  # 0: the fixed lr_schedules only; N: N epoch-end validations in a row without a better rsum are a plateau: decay the lr, or stop after plateau_decays decays
+    plateau_min_delta: float = 0.0  # a validation rsum must beat the best so far by more than this (rsum points) to count as better
+    plateau_decays: int = 1  # lr decays (x decay_rate) at plateaus before the next plateau stops the run
     grad_clip: float = 2.0
     seed: int = 0
     # --- logging, evaluation, execution

@@ -5,7 +5,7 @@
 # %% ../../nbs/61_training.runner.ipynb #18729e24
 from __future__ import annotations
 import json, math, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, asdict, replace, MISSING
 from pathlib import Path
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ from ..eval.metrics import save_sims
 from ..core.distributed import DistInfo, init_distributed, cleanup_distributed, barrier, on_main, rank_seed, wrap_ddp
 
 # %% auto #0
-__all__ = ['RunLogger', 'check_run_dir', 'prepare_run_dir', 'Trainer', 'configure_compute', 'prepare_training', 'train']
+__all__ = ['RunLogger', 'check_run_dir', 'prepare_run_dir', 'PlateauState', 'plateau_update', 'plateau_outcome', 'Trainer',
+           'configure_compute', 'prepare_training', 'train']
 
 # %% ../../nbs/61_training.runner.ipynb #5798ffb6
 class RunLogger:
@@ -74,6 +75,7 @@ def prepare_run_dir(cfg: LapsConfig, resume: bool, command: list[str] | None, wr
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         saved = json.loads((run_dir / 'config.json').read_text())
+        saved = {**{f.name: f.default for f in fields(LapsConfig) if f.default is not MISSING}, **saved}  # a field added since: its default
         changed = {k: (saved.get(k), v) for k, v in cfg.to_dict().items() if saved.get(k) != v and k not in ('num_epochs',)}
         if changed: raise ValueError(f"--resume with a configuration that differs from {run_dir / 'config.json'}: {changed}")
     write_json_atomic(run_dir / 'config.json', cfg.to_dict())
@@ -96,6 +98,44 @@ def _train_loader(cfg: LapsConfig, tokenizer, info: DistInfo):
                                  seed=cfg.seed, drop_last=True)
     return build_loader(loader.dataset, cfg.batch_size, cfg.workers, sampler=sampler, drop_last=True), sampler
 
+# %% ../../nbs/61_training.runner.ipynb #4a5d8d5f
+@dataclass
+class PlateauState:
+    "Where a run stands against the plateau rule (`plateau_update`); `checkpoint_last/`'s trainer state keeps it as `plateau`."
+    best: float | None = None  # best epoch-end validation rsum so far (None: no validation yet)
+    stale: int = 0  # epoch-end validations in a row not better than `best` by more than plateau_min_delta
+    lr_factor: float = 1.0  # decay_rate ** len(decay_epochs): multiplies the scheduled learning rate
+    decay_epochs: list[int] = field(default_factory=list)  # the first epoch trained at each decay's lower rate
+    stopped_epoch: int | None = None  # the last epoch trained when a plateau stopped the run
+
+    @property
+    def stopped(self) -> bool: return self.stopped_epoch is not None
+
+    def to_dict(self) -> dict: return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'PlateauState': return cls(**d)
+
+def plateau_update(state: PlateauState, rsum: float, epoch: int, cfg: LapsConfig) -> PlateauState:
+    "The state after epoch `epoch`'s validation scored `rsum`: better, stale, a decay from epoch+1 on, or a stop (a new state)."
+    if cfg.plateau_patience < 1: raise ValueError("plateau_update: plateau_patience is 0, the plateau rule is off")
+    if state.stopped: raise ValueError(f"plateau_update: the run already stopped after epoch {state.stopped_epoch}")
+    if state.best is None or rsum > state.best + cfg.plateau_min_delta: return replace(state, best=float(rsum), stale=0)
+    stale = state.stale + 1
+    if stale < cfg.plateau_patience: return replace(state, stale=stale)
+    if len(state.decay_epochs) < cfg.plateau_decays:
+        return replace(state, stale=0, lr_factor=state.lr_factor * cfg.decay_rate, decay_epochs=[*state.decay_epochs, epoch + 1])
+    return replace(state, stale=stale, stopped_epoch=epoch)
+
+# %% ../../nbs/61_training.runner.ipynb #08646ee3
+def plateau_outcome(state: PlateauState, cfg: LapsConfig, last_epoch: int) -> dict:
+    "How a run with the plateau rule ended (`plateau.json`): reason, epochs trained, decays, the rule's settings."
+    return dict(reason='plateau' if state.stopped else 'num_epochs', epochs_trained=last_epoch + 1, last_epoch=last_epoch,
+                stopped_epoch=state.stopped_epoch, decay_epochs=list(state.decay_epochs), lr_factor=state.lr_factor,
+                best_rsum=state.best, val_split=cfg.val_split, num_epochs=cfg.num_epochs,
+                rule=dict(plateau_patience=cfg.plateau_patience, plateau_min_delta=cfg.plateau_min_delta,
+                          plateau_decays=cfg.plateau_decays, decay_rate=cfg.decay_rate))
+
 # %% ../../nbs/61_training.runner.ipynb #4316c2a0
 @dataclass
 class Trainer:
@@ -112,6 +152,7 @@ class Trainer:
     resumed: dict | None = None  # trainer_state of the checkpoint resumed from (epoch, step, best_rsum, ...)
     scaler: torch.amp.GradScaler | None = None  # fp16's gradient scaler (laps.core.precision); None for fp32 and bf16
     lr: float = math.nan  # base learning rate of the current epoch
+    plateau: PlateauState = field(default_factory=PlateauState)  # the plateau rule's state (`--plateau_patience`)
 
     @property
     def steps_per_epoch(self) -> int: return len(self.loader)
@@ -119,7 +160,7 @@ class Trainer:
     def begin_epoch(self, epoch: int) -> float:
         "Set `epoch`'s learning rate and seed its data order, augmentation and (under torchrun) dropout; returns the lr."
         cfg = self.cfg
-        self.lr = set_epoch_lr(self.optimizer, cfg.learning_rate, epoch, cfg.lr_schedules, cfg.decay_rate)
+        self.lr = set_epoch_lr(self.optimizer, cfg.learning_rate * self.plateau.lr_factor, epoch, cfg.lr_schedules, cfg.decay_rate)
         self.loader.dataset.set_epoch(epoch)
         if self.loader.generator is not None: self.loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
         if self.sampler is not None: self.sampler.set_epoch(epoch)
@@ -172,12 +213,14 @@ def prepare_training(cfg: LapsConfig, info: DistInfo | None = None, *,  # defaul
         optimizer.load_state_dict(state['optimizer'])
         if scaler is not None and 'scaler' in state: scaler.load_state_dict(state['scaler'])
         if 'rng' in state: restore_rng_states(state['rng'])
+    plateau = PlateauState.from_dict(state['plateau']) if state and 'plateau' in state else PlateauState()
     return Trainer(cfg, info, tokenizer, loader, sampler, model, optimizer, wrap_ddp(model, info), make_alignment_loss(cfg),
-                   resumed=state, scaler=scaler)
+                   resumed=state, scaler=scaler, plateau=plateau)
 
 # %% ../../nbs/61_training.runner.ipynb #e8fc5285
-def _validate(tr: Trainer, run_dir: Path, logger: RunLogger, epoch: int, step: int, best: dict, progress: bool) -> dict:
-    "Validate on `val_split`, log it, and save checkpoint_best/, metrics and sims when rsum beats `best`; returns the best so far."
+def _validate(tr: Trainer, run_dir: Path, logger: RunLogger, epoch: int, step: int, best: dict,
+              progress: bool) -> tuple[dict, float]:
+    "Validate on `val_split`, log it, and save checkpoint_best/, metrics and sims when rsum beats `best`; returns (the best so far, this rsum)."
     cfg, model, info = tr.cfg, tr.model, tr.info
     metrics, sims = evaluate_split(model, cfg, cfg.val_split, tokenizer=tr.tokenizer, progress=progress)  # sharded under torchrun
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith('minimal_pair_')}
@@ -190,23 +233,31 @@ def _validate(tr: Trainer, run_dir: Path, logger: RunLogger, epoch: int, step: i
             write_json_atomic(run_dir / f'metrics_{cfg.val_split}.json', best['best_metrics'])
             if cfg.save_results: save_sims(run_dir / f'sims_{cfg.val_split}.npy', sims, cfg.dataset, cfg.val_split)
     model.train()
-    return best
+    return best, metrics['rsum']
 
 # %% ../../nbs/61_training.runner.ipynb #51a8360d
+def _plateau_step(tr: Trainer, logger: RunLogger, rsum: float, epoch: int, step: int) -> None:
+    "Apply the plateau rule to epoch `epoch`'s validation `rsum` (`tr.plateau`) and log its state as `plateau/*`."
+    tr.plateau = s = plateau_update(tr.plateau, rsum, epoch, tr.cfg)
+    logger.log('plateau', step, epoch=epoch, stale=s.stale, lr_factor=s.lr_factor, decays=len(s.decay_epochs),
+               stopped=s.stopped, best_rsum=s.best)
+
 def _run_epochs(tr: Trainer, run_dir: Path, logger: RunLogger, start_epoch: int, global_step: int, best: dict,
                 progress: bool) -> tuple[int, dict]:
-    "Train epochs `start_epoch..num_epochs-1`: log, validate, write checkpoint_last/ after each; returns (global step, best)."
+    "Train epochs `start_epoch..num_epochs-1` (fewer when a plateau stops the run): log, validate, write checkpoint_last/ after each; returns (global step, best)."
     cfg, info = tr.cfg, tr.info
     for epoch in range(start_epoch, cfg.num_epochs):
+        if tr.plateau.stopped: break                                   # stopped at a plateau (in this call or before a resume)
         for step, logs in tr.train_epoch(epoch, progress):
             global_step += 1
             if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=tr.lr, **logs)
             if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0:
-                best = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
-        if cfg.eval: best = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
+                best, _ = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
+        if cfg.eval: best, rsum = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
+        if cfg.plateau_patience: _plateau_step(tr, logger, rsum, epoch, global_step)
+        state = dict(epoch=epoch, step=global_step, **best, **({'plateau': tr.plateau.to_dict()} if cfg.plateau_patience else {}))
         if info.is_main:
-            save_checkpoint(run_dir / 'checkpoint_last', tr.model, cfg, dict(epoch=epoch, step=global_step, **best),
-                            optimizer=tr.optimizer, scaler=tr.scaler)
+            save_checkpoint(run_dir / 'checkpoint_last', tr.model, cfg, state, optimizer=tr.optimizer, scaler=tr.scaler)
     return global_step, best
 
 # %% ../../nbs/61_training.runner.ipynb #b8aeb994
@@ -230,7 +281,10 @@ def _train(cfg: LapsConfig, info: DistInfo, *, resume: bool, command, progress: 
         global_step, best = _run_epochs(tr, run_dir, logger, start_epoch, global_step, best, progress)
         if not cfg.eval and info.is_main:                               # no validation: the last model is the best
             save_checkpoint(run_dir / 'checkpoint_best', tr.model, cfg, dict(epoch=cfg.num_epochs - 1, step=global_step))
+        last_epoch = tr.plateau.stopped_epoch if tr.plateau.stopped else max(start_epoch, cfg.num_epochs) - 1
+        plateau = plateau_outcome(tr.plateau, cfg, last_epoch) if cfg.plateau_patience else None
+        if plateau is not None and info.is_main: write_json_atomic(run_dir / 'plateau.json', plateau)
         barrier(info)                                                   # everything is written when any rank returns
     finally: logger.close()
     return dict(run_dir=str(run_dir), best_rsum=best['best_rsum'], best_metrics=best['best_metrics'], steps=global_step,
-                is_main=info.is_main, world_size=info.world_size)
+                is_main=info.is_main, world_size=info.world_size, **({'plateau': plateau} if plateau is not None else {}))
