@@ -67,13 +67,14 @@ def _same_config(run_dir: Path, cfg: LapsConfig, ignore=('logger_name',)) -> boo
     return {k: v for k, v in saved.items() if k not in ignore} == {k: v for k, v in want.items() if k not in ignore}
 
 def run_finished(run_dir) -> bool:
-    "True when `run_dir/checkpoint_last` holds the last epoch of its config and `checkpoint_best` exists."
+    "True when `run_dir/checkpoint_last` holds the last epoch of its config, or a plateau stopped it, and `checkpoint_best` exists."
     run_dir = Path(run_dir)
     try:
         epochs = json.loads((run_dir / 'config.json').read_text())['num_epochs']
         state = json.loads((run_dir / 'checkpoint_last' / 'trainer_state.json').read_text())
     except (OSError, ValueError, KeyError): return False
-    return state.get('epoch') == epochs - 1 and (run_dir / 'checkpoint_best').is_dir()
+    stopped = (state.get('plateau') or {}).get('stopped_epoch') is not None       # early-stopped at a dev plateau (--plateau_patience)
+    return (state.get('epoch') == epochs - 1 or stopped) and (run_dir / 'checkpoint_best').is_dir()
 
 def train_or_reuse(cfg: LapsConfig, command: list[str], *, retrain: bool = False, reuse_from=(),
                    progress: bool = False) -> dict:
