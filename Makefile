@@ -82,6 +82,7 @@ demo: $(STAMP)
 	$(BIN)/laps data synthetic --out $(DEMO_DATA)/synthetic && \
 	$(BIN)/laps train --preset cpu --data_path $(DEMO_DATA) --logger_name $(DEMO_RUN) && \
 	$(BIN)/laps eval $(DEMO_RUN) --split test --save_sims $(DEMO_RUN)/sims_test.npy && \
+	cat reports/demo/baselines.md && \
 	echo "demo: $(DEMO_RUN), $$(( $$(date +%s) - start )) s wall"
 
 bench: $(STAMP)
