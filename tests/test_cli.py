@@ -244,7 +244,7 @@ def test_eval_json_and_table_show_minimal_pairs_and_intervals(synthetic_run, syn
     probes = json.loads((synthetic_data / 'synthetic' / 'test_probes_minimal_pairs.json').read_text())
     kinds = sorted({p['kind'] for p in probes})
     assert (mp['split'], sorted(mp['kinds']), mp['overall']['n_pairs']) == ('test_probes', kinds, len(probes))
-    assert len(kinds) == 7 and len(probes) == 7                                  # every kind of the generator, one pair each
+    assert len(kinds) == 8 and len(probes) == 8                                  # every kind of the generator, one pair each
     for row in (mp['overall'], *mp['kinds'].values(), mp['bow']['overall'], *mp['bow']['kinds'].values()):
         for s in SCORES: assert row[f'{s}_ci95'][0] <= row[s] <= row[f'{s}_ci95'][1]
     written = json.loads((synthetic_run / 'metrics_test.json').read_text())
