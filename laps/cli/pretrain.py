@@ -28,17 +28,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--precision', default='bf16', help='fp32 | bf16 | fp16 autocast (default bf16)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
 
-# %% ../../nbs/95b_cli.pretrain.ipynb #ddcfef72
+# %% ../../nbs/95b_cli.pretrain.ipynb #d9dbb6bb
 def run(args: argparse.Namespace) -> int:
     "`laps pretrain`: pretrain, save with the model card, print the held-out accuracy per attribute."
     from laps.core.provenance import command_record                     # torch: when the command runs
-    from laps.training.pretrain import PretrainConfig, pretrain_backbone, save_pretrained_backbone
-    out = Path(args.out)
-    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"--out {out} is a file; expected a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / 'pretrain.json').is_file():
-            raise FileExistsError(f"--out {out} exists and holds no pretrain.json (not a laps pretrain folder); choose another folder")
-        if not args.force: raise FileExistsError(f"--out {out} already holds a pretrained backbone; pass --force to replace it")
+    from laps.training.pretrain import PretrainConfig, check_pretrain_out, pretrain_backbone, save_pretrained_backbone
+    out = check_pretrain_out(args.out, args.force)                     # before any work: a refused --out costs nothing
     cfg = PretrainConfig(backbone=args.backbone, seed=args.seed, n_train=args.n_train, n_val=args.n_val, img_size=args.img_size,
                          epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
                          weight_decay=args.weight_decay, precision=args.precision)

@@ -24,7 +24,7 @@ from .runner import RunLogger
 # %% auto #0
 __all__ = ['GRID', 'LABEL_GROUPS', 'N_LABELS', 'N_OBJECTS', 'scene_labels', 'patch_labels', 'pretrain_scene',
            'render_pretrain_set', 'AttributeClassifier', 'to_batch', 'group_metrics', 'evaluate_classifier',
-           'PretrainConfig', 'flip_targets', 'flip_patches', 'pretrain_backbone', 'model_card',
+           'PretrainConfig', 'flip_targets', 'flip_patches', 'pretrain_backbone', 'model_card', 'check_pretrain_out',
            'save_pretrained_backbone']
 
 # %% ../../nbs/63_training.pretrain.ipynb #70615b46
@@ -222,7 +222,7 @@ def pretrain_backbone(cfg: PretrainConfig, log_dir=None, progress: bool = True) 
                                torch=torch.__version__))
     return model.backbone, record
 
-# %% ../../nbs/63_training.pretrain.ipynb #b8619be2
+# %% ../../nbs/63_training.pretrain.ipynb #3e628273
 def model_card(record: dict) -> str:
     "The README.md of a pretrained backbone folder, from its `pretrain.json` record."
     c, cmd = record['config'], record.get('command', {})
@@ -270,13 +270,19 @@ object covers classified right.
 It has only seen synthetic shapes: it is meant for the synthetic benchmark, not for photos.
 """
 
-def save_pretrained_backbone(backbone: nn.Module, record: dict, out, force: bool = False) -> Path:
-    "Write `backbone` (save_pretrained, safetensors), `pretrain.json` and the model card into `out`, atomically."
+def check_pretrain_out(out, force: bool = False) -> Path:
+    "`out` as a Path if a pretraining may write it: new, empty, or (with `force`) an earlier `laps pretrain` output."
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir(): raise NotADirectoryError(f"--out {out} is a file; expected a folder")
+    if out.is_dir() and any(out.iterdir()):
         if not (out / 'pretrain.json').is_file():
             raise FileExistsError(f"--out {out} exists and holds no pretrain.json (not a laps pretrain folder); choose another folder")
         if not force: raise FileExistsError(f"--out {out} already holds a pretrained backbone; pass --force to replace it")
+    return out
+
+def save_pretrained_backbone(backbone: nn.Module, record: dict, out, force: bool = False) -> Path:
+    "Write `backbone` (save_pretrained, safetensors), `pretrain.json` and the model card into `out`, atomically."
+    out = check_pretrain_out(out, force)
     with atomic_folder(out) as tmp:
         backbone.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(tmp / 'pretrain.json', record)
