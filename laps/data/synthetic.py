@@ -175,7 +175,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, w: 
         draw.rectangle([cx - t, cy - r, cx + t, cy + r], fill=fill)
     else: raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
 
-def texture(S: int, rng: np.random.Generator) -> tuple[str, np.ndarray]:
+def texture(S: int, rng: np.random.Generator) -> np.ndarray:
     "One of `TEXTURES` as an (S, S) field in [0, 1]: stripes at any angle, checks, smooth blobs or grain."
     kind = TEXTURES[int(rng.integers(len(TEXTURES)))]
     y, x = np.mgrid[0:S, 0:S].astype(np.float64)
@@ -190,11 +190,11 @@ def texture(S: int, rng: np.random.Generator) -> tuple[str, np.ndarray]:
         coarse = Image.fromarray(rng.random((g, g)).astype(np.float32))
         t = np.clip(np.asarray(coarse.resize((S, S), Image.Resampling.BICUBIC), dtype=np.float64), 0, 1)
     else: t = rng.random((S, S))
-    return kind, t
+    return t
 
 def background(S: int, rng: np.random.Generator) -> np.ndarray:
     "(S, S, 3) float RGB: a texture between two muted colours (saturation <= 0.3, value 0.15-0.57), never an object's colour."
-    _, t = texture(S, rng)
+    t = texture(S, rng)
     h, s, v = rng.random(), rng.uniform(0.05, 0.3), rng.uniform(0.15, 0.35)
     c1 = np.array(colorsys.hsv_to_rgb(h, s, v))
     c2 = np.array(colorsys.hsv_to_rgb((h + rng.uniform(-0.08, 0.08)) % 1, s, v + rng.uniform(0.1, 0.22)))
