@@ -74,7 +74,8 @@ def test_report_list(capsys):
     assert main(['report', '--list']) == 0
     out = capsys.readouterr().out
     assert 'ablation:' in out and "seeds = [0, 1, 2]" in out and "baseline = 'released'" in out
-    assert "configs = ['global', 'dense', 'released', 'cls', 'token_selection', 'attn', 'thres', 'learnable_temp', 'final']" in out
+    assert ("configs = ['global', 'dense', 'released', 'cls', 'token_selection', 'attn', 'thres', 'learnable_temp', 'final', "
+            "'dense_scratch', 'released_scratch']") in out
 
 
 def test_source_notebooks_import_the_split_modules():

@@ -12,7 +12,7 @@ from ..model.lps import n_kept_patches, image_global, text_global, text_globals,
 
 # %% auto #0
 __all__ = ['object_patches', 'closest_captions', 'patch_selection', 'draw_patch_selection', 'caption_markup',
-           'selection_rankings', 'kept_change', 'cls_cosine']
+           'selection_rankings', 'kept_change', 'spa_diversity', 'cls_cosine']
 
 # %% ../../nbs/84_reports.patch_diagnostics.ipynb #dd655032
 def object_patches(objects: list[dict], img_size: int, img_res: int, n_patches: int) -> np.ndarray:
@@ -149,6 +149,29 @@ def kept_change(a, b) -> np.ndarray:
     k = a.sum(-1)
     if (k != b.sum(-1)).any() or (k == 0).any(): raise ValueError("kept_change: both selections must keep the same, non-zero number of patches per row")
     return 1 - (a & b).sum(-1) / k
+
+# %% ../../nbs/84_reports.patch_diagnostics.ipynb #5bf58532
+@torch.no_grad()
+def spa_diversity(cross_net,  # a CrossNet whose method slims patches
+                  img_embs: torch.Tensor,  # (B, T, C) image tokens, prefix tokens first
+                  cap_embs: torch.Tensor,  # (B, L, C) caption tokens of the same rows, padded
+                  lens: torch.Tensor,  # (B,) caption lengths
+                  ) -> dict[str, np.ndarray]:
+    "{'entropy', 'cosine'}: (B,) SPA weight entropy (mean over tokens, / log K) and mean pairwise cosine of the N_s aggregated tokens."
+    if not cross_net.slims_patches:
+        raise ValueError(f"similarity method {cross_net.similarity_method.name!r} keeps every patch: there is no aggregation to measure")
+    cls, X = cross_net.split_image(img_embs)                               # (B,1,C)|None, (B,N,C)
+    K = n_kept_patches(X.shape[1], cross_net.sparse_ratio)
+    g_img = image_global(cls, X, cross_net.use_cls_as_glob)                # (B, C)
+    g_txt = text_globals(cap_embs, lens.to(cap_embs.device), cross_net.use_cls_as_glob)   # (B, C)
+    score = torch.cat([patch_scores(X[b:b + 1], g_img[b:b + 1], g_txt[b]) for b in range(len(X))])   # (B, N)
+    kept, _, _ = select_patches(X, score, K)                               # (B, K, C)
+    w = cross_net.aggr_net.weights(kept).float()                           # (B, N_s, K)
+    entropy = -(w * w.clamp_min(1e-12).log()).sum(-1).mean(-1) / math.log(K) if K > 1 else torch.zeros(len(X))
+    tokens = F.normalize((w @ kept.float()), dim=-1)                       # (B, N_s, C)
+    n_s = tokens.shape[1]
+    cos = ((tokens @ tokens.transpose(1, 2)).sum((1, 2)) - n_s) / (n_s * (n_s - 1)) if n_s > 1 else torch.ones(len(X))
+    return dict(entropy=entropy.cpu().numpy(), cosine=cos.cpu().numpy())
 
 # %% ../../nbs/84_reports.patch_diagnostics.ipynb #5179870b
 def _mean_offdiag_cosine(x: torch.Tensor) -> float:

@@ -115,6 +115,8 @@ ABLATIONS: dict[str, dict] = {name: dict(RELEASED_FLAGS, **delta) for name, delt
     'thres': dict(similarity_calc_method='thres'),
     'learnable_temp': dict(similarity_calc_method='attn', use_learnable_temp=1),
     'final': dict(use_cls_as_glob_embd=1, use_token_selection=1, token_selection_ratio=0.8, similarity_calc_method='attn'),
+    'dense_scratch': dict(similarity_calc_method='dense', vision_pretrained=False),  # the from-scratch regime: the vision
+    'released_scratch': dict(vision_pretrained=False),                              # backbone's random init, lr 1x
 }.items()}
 
 def run_tag(dataset: str, num_epochs: int, batch_size: int, seed: int, n_train: int | None = None) -> str:

@@ -251,7 +251,7 @@ def _run_epochs(tr: Trainer, run_dir: Path, logger: RunLogger, start_epoch: int,
         for step, logs in tr.train_epoch(epoch, progress):
             global_step += 1
             if global_step % cfg.log_step == 0 or step == 0: logger.log('train', global_step, epoch=epoch, lr=tr.lr, **logs)
-            if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0:
+            if cfg.eval and cfg.val_step and global_step % cfg.val_step == 0 and step < tr.steps_per_epoch - 1:  # the epoch-end one follows
                 best, _ = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
         if cfg.eval: best, rsum = _validate(tr, run_dir, logger, epoch, global_step, best, progress)
         if cfg.plateau_patience: _plateau_step(tr, logger, rsum, epoch, global_step)
