@@ -8,14 +8,14 @@ import concurrent.futures, math, multiprocessing, platform, statistics, time
 import torch
 from ..core.config import PRECISIONS, get_config
 from ..core.precision import grad_scaler
-from ..model.modeling import LAPSModel
+from ..model.modeling import LAPSModel, frozen_text_modules
 from ..eval.bench import caption_lengths, peak_rss_mb, rss_mb
 from .step import optimizer_for, training_step
 from .runner import configure_compute
 
 # %% auto #0
 __all__ = ['BUDGETS_GIB', 'bench_config', 'random_batch', 'prepare_step', 'time_training_step', 'largest_batch', 'add_ratios',
-           'run_train_bench', 'format_train_bench', 'profile_training_step']
+           'run_train_bench', 'format_train_bench', 'profile_training_step', 'frozen_text_share']
 
 # %% ../../nbs/62_training.bench.ipynb #af0550b5
 def bench_config(preset: str, precision: str = 'fp32', grad_checkpointing: int = 0, device: str = 'cpu', **overrides):
@@ -38,7 +38,7 @@ def _sync(device: torch.device) -> None:
 
 def prepare_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0, device: str = 'cpu',
                  seed: int = 0, captions=None, **overrides):
-    "-> (step, model_mb): a closure running one training step of the combination (returns its loss), and the memory before it."
+    "-> (step, model_mb, model): a closure running one training step of the combination (returns its loss), the memory before it, the model it trains."
     cfg = bench_config(preset, precision, grad_checkpointing, device, batch_size=batch_size, **overrides)
     dev = torch.device(device)
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def prepare_step(preset: str, batch_size: int, precision: str = 'fp32', grad_che
     def step() -> float:
         return training_step(model, batch, optimizer, cfg, epoch=cfg.vse_mean_warmup_epochs, step=0,
                              steps_per_epoch=1, scaler=scaler)['loss']
-    return step, model_mb
+    return step, model_mb, model
 
 def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', grad_checkpointing: int = 0,
                        device: str = 'cpu', steps: int = 3, warmup: int = 1, seed: int = 0, threads: int | None = None,
@@ -58,7 +58,7 @@ def time_training_step(preset: str, batch_size: int, precision: str = 'fp32', gr
     "Seconds per training step (median and best of `steps`) and peak memory (MiB) of one combination."
     if threads is not None: torch.set_num_threads(threads)
     dev = torch.device(device)
-    step, model_mb = prepare_step(preset, batch_size, precision, grad_checkpointing, device, seed, captions, **overrides)
+    step, model_mb, _ = prepare_step(preset, batch_size, precision, grad_checkpointing, device, seed, captions, **overrides)
     row = dict(precision=precision, grad_checkpointing=int(grad_checkpointing), batch=batch_size, model_mb=model_mb,
                threads=torch.get_num_threads(), oom=False)
     try:
@@ -150,8 +150,30 @@ def profile_training_step(preset: str, batch_size: int, precision: str = 'fp32',
     "torch.profiler's operator table (self CPU time) of `steps` training steps of one combination, after a warm-up step."
     from torch.profiler import profile, ProfilerActivity
     if threads is not None: torch.set_num_threads(threads)
-    step, _ = prepare_step(preset, batch_size, precision, grad_checkpointing, **kw)
+    step, _, _ = prepare_step(preset, batch_size, precision, grad_checkpointing, **kw)
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps): step()
     return prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=row_limit)
+
+# %% ../../nbs/62_training.bench.ipynb #86c856f9
+def frozen_text_share(preset: str, batch_size: int, precision: str = 'fp32', steps: int = 5, warmup: int = 1,
+                      threads: int | None = None, **kw) -> dict:
+    "Seconds per training step, the part spent in the forward of the frozen text modules, and its share: what a cache of their outputs could save at most."
+    if threads is not None: torch.set_num_threads(threads)
+    step, _, model = prepare_step(preset, batch_size, precision, **kw)
+    cfg = bench_config(preset, precision, batch_size=batch_size, **{k: v for k, v in kw.items() if k not in ('seed', 'captions', 'device', 'grad_checkpointing')})
+    modules = frozen_text_modules(model.txt_enc.bert, cfg.freeze_text_layers)
+    spent, starts = [0.0], {}
+    def pre(m, args): starts[id(m)] = time.perf_counter()
+    def post(m, args, out): spent[0] += time.perf_counter() - starts.pop(id(m))
+    hooks = [h for m in modules for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        for _ in range(warmup): step()
+        spent[0] = 0.0; t = time.perf_counter()
+        for _ in range(steps): step()
+        total = time.perf_counter() - t
+    finally:
+        for h in hooks: h.remove()
+    return dict(preset=preset, precision=precision, batch=batch_size, freeze_text_layers=cfg.freeze_text_layers,
+                step_s=total / steps, frozen_s=spent[0] / steps, frozen_share=spent[0] / total if modules else 0.0)
