@@ -10,8 +10,8 @@
 #   make bench       reference vs fast similarity engine (laps bench)
 #   make pretrain    rebuild the built-in vision backbone laps/conv-vit-synth (laps/weights/conv-vit-synth: weights,
 #                    model card, pretrain.json) by caption-free multi-label pretraining on synthetic scenes
-#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 72 min 41 s measured
-#                    at c9200d4 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
+#   make reports     regenerate reports/ with papermill (trains its runs under runs/reports; 67 min 23 s measured
+#                    at d7978c5 on 2 free cores; REPORT_ARGS='-p seeds [0,1]' passes parameters to every report)
 #   make reports-quick  the same pipeline with tiny parameters into reports-quick/ (CI, a few minutes)
 #   make gpu-check   the CUDA paths in one command (tests/gpu_check.py: engine vs reference and bench on cuda, fp32 and
 #                    bf16 autocast; `laps bench --train` of the paper preset at batch 32 and 128 for fp32/bf16/fp16 with and
