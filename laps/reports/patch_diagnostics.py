@@ -120,6 +120,18 @@ def caption_markup(tokens: list[str], kept_words: list[int]) -> str:
     return ' '.join(out)
 
 # %% ../../nbs/84_reports.patch_diagnostics.ipynb #e9898701
+def _pair_globals(cross_net, img_embs, cap_embs, lens, what: str):
+    "(X (B,N,C), K, g_img (B,C), g_txt (B,C)) of the pairs (image b, caption b), as LPS computes them; checks that the net slims patches."
+    if not cross_net.slims_patches:
+        raise ValueError(f"similarity method {cross_net.similarity_method.name!r} keeps every patch: there is no {what}")
+    if not img_embs.shape[0] == cap_embs.shape[0] == lens.shape[0]:
+        raise ValueError(f"one caption per image is needed, got {img_embs.shape[0]} images, "
+                         f"{cap_embs.shape[0]} captions and {lens.shape[0]} lengths")
+    cls, X = cross_net.split_image(img_embs)                               # (B,1,C)|None, (B,N,C)
+    g_img = image_global(cls, X, cross_net.use_cls_as_glob)                # (B, C)
+    g_txt = text_globals(cap_embs, lens.to(cap_embs.device), cross_net.use_cls_as_glob)   # (B, C)
+    return X, n_kept_patches(X.shape[1], cross_net.sparse_ratio), g_img, g_txt
+
 @torch.no_grad()
 def selection_rankings(cross_net,  # a CrossNet whose method slims patches (not the global or dense baselines)
                        img_embs: torch.Tensor,  # (B, T, C) image tokens, prefix tokens first
@@ -127,16 +139,8 @@ def selection_rankings(cross_net,  # a CrossNet whose method slims patches (not 
                        lens: torch.Tensor,  # (B,) caption lengths
                        ) -> dict[str, torch.Tensor]:
     "Kept-patch masks (B, N) bool of pair b = (image b, caption b): LPS ('score') and the top K of each half of its score ('s_img', 's_txt')."
-    if not cross_net.slims_patches:
-        raise ValueError(f"similarity method {cross_net.similarity_method.name!r} keeps every patch: there is no selection to rank")
-    if not img_embs.shape[0] == cap_embs.shape[0] == lens.shape[0]:
-        raise ValueError(f"selection_rankings needs one caption per image, got {img_embs.shape[0]} images, "
-                         f"{cap_embs.shape[0]} captions and {lens.shape[0]} lengths")
-    cls, X = cross_net.split_image(img_embs)                               # (B,1,C)|None, (B,N,C)
-    B, N, _ = X.shape; K = n_kept_patches(N, cross_net.sparse_ratio)
-    g_img = image_global(cls, X, cross_net.use_cls_as_glob)                # (B, C)
-    g_txt = text_globals(cap_embs, lens.to(cap_embs.device), cross_net.use_cls_as_glob)   # (B, C)
-    rows = [(X[b:b + 1], g_img[b:b + 1], g_txt[b]) for b in range(B)]
+    X, K, g_img, g_txt = _pair_globals(cross_net, img_embs, cap_embs, lens, 'selection to rank')
+    rows = [(X[b:b + 1], g_img[b:b + 1], g_txt[b]) for b in range(len(X))]
     scores = dict(score=[patch_scores(x, gi, gt) for x, gi, gt in rows],        # each (1, N)
                   s_img=[patch_scores(x, gi, gi[0]) for x, gi, gt in rows],     # 2 cos(g_img, x): the same ranking
                   s_txt=[patch_scores(x, gt[None], gt) for x, gi, gt in rows])
@@ -158,12 +162,7 @@ def spa_diversity(cross_net,  # a CrossNet whose method slims patches
                   lens: torch.Tensor,  # (B,) caption lengths
                   ) -> dict[str, np.ndarray]:
     "{'entropy', 'cosine'}: (B,) SPA weight entropy (mean over tokens, / log K) and mean pairwise cosine of the N_s aggregated tokens."
-    if not cross_net.slims_patches:
-        raise ValueError(f"similarity method {cross_net.similarity_method.name!r} keeps every patch: there is no aggregation to measure")
-    cls, X = cross_net.split_image(img_embs)                               # (B,1,C)|None, (B,N,C)
-    K = n_kept_patches(X.shape[1], cross_net.sparse_ratio)
-    g_img = image_global(cls, X, cross_net.use_cls_as_glob)                # (B, C)
-    g_txt = text_globals(cap_embs, lens.to(cap_embs.device), cross_net.use_cls_as_glob)   # (B, C)
+    X, K, g_img, g_txt = _pair_globals(cross_net, img_embs, cap_embs, lens, 'aggregation to measure')
     score = torch.cat([patch_scores(X[b:b + 1], g_img[b:b + 1], g_txt[b]) for b in range(len(X))])   # (B, N)
     kept, _, _ = select_patches(X, score, K)                               # (B, K, C)
     w = cross_net.aggr_net.weights(kept).float()                           # (B, N_s, K)
