@@ -4,7 +4,7 @@
 
 # %% ../../nbs/95_cli.data.ipynb #df085aa3
 from __future__ import annotations
-import argparse, sys
+import argparse, os, sys
 from ..data.synthetic import generate_synthetic, SPLITS
 
 # %% auto #0
@@ -24,6 +24,8 @@ def _add_synthetic(tools) -> None:
     ap.add_argument('--test_probe_pairs', type=int, default=500, help='minimal pairs per kind in test_probes')
     ap.add_argument('--img_size', type=int, default=64, help='image side in pixels')
     ap.add_argument('--force', action='store_true', help='regenerate even if --out holds the same set or an older version')
+    ap.add_argument('--workers', type=int, default=0,
+                    help='processes that render the images (default 0: one per CPU core); the files are the same for any number')
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     "`laps data TOOL ...`: one subcommand per dataset tool."
@@ -36,7 +38,7 @@ def synthetic(args: argparse.Namespace) -> int:
     try:
         s = generate_synthetic(out=args.out, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
                                img_size=args.img_size, force=args.force, dev_probe_pairs=args.dev_probe_pairs,
-                               test_probe_pairs=args.test_probe_pairs)
+                               test_probe_pairs=args.test_probe_pairs, workers=args.workers or os.cpu_count() or 1)
     except (ValueError, FileExistsError) as e:
         print(f"laps data synthetic: error: {e}", file=sys.stderr); return 2
     if s['skipped']:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, DataLoader
+from torch.utils.data import Dataset, DataLoader, Sampler
 from ..model.encoders import minilm_path, pad_token_id
 from .datasets import get_dataset, image_folder, folder_format_problem
 from ..core.registry import DATASETS
@@ -24,7 +24,7 @@ __all__ = ['logger', 'MAX_IMAGE_PIXELS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'BERT_
            'train_transform', 'eval_transform', 'load_tokenizer', 'caption_words', 'assemble_ids', 'word_actions',
            'random_token_ids', 'augment_words', 'encode_caption', 'item_generator', 'flip_token_map', 'TrainDataset',
            'ImageDataset', 'CaptionDataset', 'collate', 'build_loader', 'load_pairs', 'PairBatchSampler',
-           'build_train_dataset', 'build_train_loader', 'build_eval_loaders']
+           'LongestFirst', 'build_train_dataset', 'build_train_loader', 'build_eval_loaders']
 
 # %% ../../nbs/41_data.loaders.ipynb #39e387e2
 @dataclass
@@ -353,6 +353,8 @@ class CaptionDataset(Dataset):
         self.split, self.pad_id = split, pad_token_id(tokenizer)
         self.ids = [assemble_ids(w, tokenizer.cls_token_id, tokenizer.sep_token_id, max_word)
                     for w in caption_words(tokenizer, split.captions)]
+    @property
+    def lengths(self) -> list[int]: return [len(x) for x in self.ids]   # tokens per caption, [CLS] and [SEP] included
     def __len__(self): return self.split.n_captions
     def __getitem__(self, i: int) -> dict:
         return dict(input_ids=torch.tensor(self.ids[i]), caption_index=i, img_id=self.split.caption_img_ids[i])
@@ -431,6 +433,19 @@ class PairBatchSampler:
         for b in range(self.rank, self.n_batches, self.world_size):
             yield [i for u in order[b * half:(b + 1) * half] for i in units[u]]
 
+# %% ../../nbs/41_data.loaders.ipynb #1330de17
+class LongestFirst(Sampler):
+    "Item indices by decreasing `lengths`, ties in index order: the batches of a loader over them carry little padding."
+    def __init__(self, lengths):
+        self.lengths = [int(n) for n in lengths]
+        self.order = sorted(range(len(self.lengths)), key=lambda k: -self.lengths[k])   # sorted() is stable
+    def restrict(self, part) -> 'LongestFirst':
+        "The same rule over the items `part` (positions in the subset, as `Subset(dataset, part)` numbers them)."
+        return LongestFirst([self.lengths[k] for k in part])
+    def __iter__(self): return iter(self.order)
+    def __len__(self) -> int: return len(self.order)
+
+
 # %% ../../nbs/41_data.loaders.ipynb #aaa5f082
 def build_train_dataset(cfg, tokenizer, split: str = 'train', check: bool = True) -> TrainDataset:
     "The training dataset a config describes, augmented as its dataset's spec says (images checked up front when `check`)."
@@ -454,10 +469,10 @@ def build_train_loader(cfg, tokenizer, split: str = 'train', sampler=None, check
 
 def build_eval_loaders(cfg, split: str, tokenizer, batch_size: int | None = None,
                        check: bool = True) -> tuple[CaptionSplit, DataLoader, DataLoader]:
-    "The split, a loader over its distinct images and one over its captions, both in split order."
+    "The split, a loader over its distinct images in split order and one over its captions, longest first (`LongestFirst`)."
     s = read_split(cfg.data_path, cfg.dataset, split)
     folder = image_folder(cfg)
     if check: check_images(s, folder)
-    bs = batch_size or cfg.batch_size
+    bs, captions = batch_size or cfg.batch_size, CaptionDataset(s, tokenizer, cfg.max_word)
     return (s, build_loader(ImageDataset(s, folder, cfg.img_res), bs, cfg.workers),
-            build_loader(CaptionDataset(s, tokenizer, cfg.max_word), bs, cfg.workers))
+            build_loader(captions, bs, cfg.workers, sampler=LongestFirst(captions.lengths)))

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/42_data.synthetic.ipynb #b24c18ca
 from __future__ import annotations
-import colorsys, json, os, re, shutil, time
+import colorsys, json, multiprocessing, os, re, shutil, time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'LAYOUTS', 'P_THREE', 'N_DISTRACTORS', 
            'PAIR_KINDS', 'SYNONYMS', 'TEMPLATES', 'SPLITS', 'N_TEMPLATES', 'scene_key', 'mirror', 'canonical_key',
            'random_scene', 'PairKind', 'perturb', 'make_partner', 'texture', 'background', 'paint_objects',
            'render_scene', 'object_phrase', 'fill_template', 'scene_captions', 'flip_caption', 'plan_splits',
-           'generate_synthetic']
+           'render_images', 'generate_synthetic']
 
 # %% ../../nbs/42_data.synthetic.ipynb #4900482d
 SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
@@ -328,6 +329,15 @@ def _render_one(scene: dict, img_id: int, seed: int, img_size: int, folder: Path
     img.save(Path(folder) / f'{img_id:06d}.png', compress_level=1)   # noisy pixels barely compress: level 1 is ~30% faster
     return placed, around
 
+def _render_job(job: tuple) -> tuple[list[dict], list[dict]]: return _render_one(*job)
+
+def render_images(jobs: list[tuple],  # (scene, img_id, seed, img_size, folder): the arguments of `_render_one`
+                  workers: int = 1) -> list[tuple[list[dict], list[dict]]]:
+    "Render every job's image into its folder and return where its objects and distractors landed, in job order; `workers` > 1: that many processes."
+    if workers <= 1 or len(jobs) < 2 * workers: return [_render_one(*j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context('spawn')) as pool:   # spawn: safe beside torch's threads
+        return list(pool.map(_render_job, jobs, chunksize=max(1, len(jobs) // (16 * workers))))
+
 def _meta(folder: Path) -> dict | None:
     try: meta = json.loads((folder / 'meta.json').read_text())
     except (OSError, ValueError): return None
@@ -335,12 +345,11 @@ def _meta(folder: Path) -> dict | None:
 
 # %% ../../nbs/42_data.synthetic.ipynb #ae4cc899
 def _write_split(folder: Path, split: str, scenes: list[dict], pairs: list[tuple[int, int, str]], first_id: int,
-                 seed: int, img_size: int, mapping: dict) -> dict:
-    "Render and write one split into `folder`, image ids from `first_id`; adds its files to `mapping`; returns its counts."
+                 landed: list[tuple[list[dict], list[dict]]], mapping: dict) -> dict:  # landed: `render_images` of the scenes
+    "Write one split's text files into `folder` (its images are rendered), image ids from `first_id`; adds its files to `mapping`; returns its counts."
     ids = list(range(first_id, first_id + len(scenes)))
     caps, records = [], []
-    for img_id, scene in zip(ids, scenes):
-        placed, around = _render_one(scene, img_id, seed, img_size, folder / 'images')
+    for img_id, scene, (placed, around) in zip(ids, scenes, landed):
         caps += scene_captions(scene, scene['templates'])
         mapping[str(img_id)] = f'{img_id:06d}.png'
         records.append(dict(id=img_id, file=mapping[str(img_id)], layout=scene['layout'], templates=scene['templates'],
@@ -356,7 +365,8 @@ def _write_split(folder: Path, split: str, scenes: list[dict], pairs: list[tuple
 # %% ../../nbs/42_data.synthetic.ipynb #cf916206
 def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500, n_dev: int = 500,
                        n_test: int = 1000, img_size: int = 64, force: bool = False,
-                       dev_probe_pairs: int = 200, test_probe_pairs: int = 500) -> dict:  # probe pairs: per kind
+                       dev_probe_pairs: int = 200, test_probe_pairs: int = 500,  # probe pairs: per kind
+                       workers: int = 1) -> dict:  # processes that render images (the files do not depend on it)
     "Generate the synthetic benchmark into `out` (atomically); returns a summary dict."
     if img_size < 32: raise ValueError(f"img_size must be >= 32 pixels, got {img_size}")
     out = Path(out)
@@ -384,11 +394,13 @@ def generate_synthetic(out='data/synthetic', seed: int = 0, n_train: int = 3500,
     if tmp.exists(): shutil.rmtree(tmp)
     (tmp / 'images').mkdir(parents=True)
     try:
-        mapping, next_id, summary = {}, 0, dict(out=str(out), skipped=False, **params)
+        mapping, summary = {}, dict(out=str(out), skipped=False, **params)
+        first = dict(zip(SPLITS, np.cumsum([0] + [len(plan[s][0]) for s in SPLITS]).tolist()))   # ids run on across splits
+        landed = render_images([(scene, first[s] + k, seed, img_size, tmp / 'images')
+                                for s in SPLITS for k, scene in enumerate(plan[s][0])], workers)
         for split in SPLITS:
             scenes, pairs = plan[split]
-            summary[split] = _write_split(tmp, split, scenes, pairs, next_id, seed, img_size, mapping)
-            next_id += len(scenes)
+            summary[split] = _write_split(tmp, split, scenes, pairs, first[split], landed[first[split]:first[split] + len(scenes)], mapping)
         write_text_atomic(tmp / 'id_mapping.json', json.dumps(mapping) + '\n')
         write_text_atomic(tmp / 'meta.json', json.dumps(meta, indent=1) + '\n')
         if out.exists():

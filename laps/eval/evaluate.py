@@ -18,7 +18,7 @@ from ..data.datasets import image_folder
 from ..core.devices import model_device
 from ..core.precision import autocast
 from ..core.distributed import is_distributed, all_gather_cat, shard_range
-from ..data.loaders import load_tokenizer, build_eval_loaders
+from ..data.loaders import load_tokenizer, build_eval_loaders, LongestFirst
 from .minimal_pairs import load_minimal_pairs, minimal_pair_report, pair_blocks, pair_rows, probe_split
 from .metrics import evaluate_sims, recall_ci95
 
@@ -38,21 +38,30 @@ def encode_image_set(model: nn.Module, loader, progress: bool = True, precision:
         with autocast(precision, device): out.append(model.encode_images(b['images'].to(device)).float().cpu())
     return torch.cat(out)
 
-def pad_token_batches(batches: list[torch.Tensor]) -> torch.Tensor:
-    "Concatenate (B_i, L_i, C) batches into (sum B_i, max L_i, C), zero-padded."
-    L = max(b.shape[1] for b in batches)
-    return torch.cat([F.pad(b, (0, 0, 0, L - b.shape[1])) for b in batches])
+def pad_token_batches(batches: list[torch.Tensor],
+                      rows: torch.Tensor | None = None) -> torch.Tensor:  # (sum B_i,) output row of each batch row; None: in order
+    "Stack (B_i, L_i, C) batches into one zero-padded (sum B_i, max L_i, C) tensor, batch rows at `rows` (one copy, no concatenation)."
+    n, L = sum(len(b) for b in batches), max(b.shape[1] for b in batches)
+    out = batches[0].new_zeros(n, L, batches[0].shape[2])
+    rows = torch.arange(n) if rows is None else rows
+    start = 0
+    for b in batches:
+        out[rows[start:start + len(b)], :b.shape[1]] = b; start += len(b)
+    return out
 
 @torch.no_grad()
 def encode_caption_set(model: nn.Module, loader, progress: bool = True,
                        precision: str = 'fp32') -> tuple[torch.Tensor, torch.Tensor]:
-    "Token embeddings (n_captions, L, C), fp32, and lengths (n_captions,) on CPU, from dicts with `input_ids`; encoder under `precision`."
+    "Token embeddings (n_captions, L, C), fp32, and lengths (n_captions,) on CPU, rows by `caption_index` (loader order without it); encoder under `precision`."
     model.eval(); device = model_device(model)
-    embs, lens = [], []
+    embs, lens, index = [], [], []
     for b in tqdm(loader, desc='encode captions', disable=not progress, leave=False):
         with autocast(precision, device): e, n = model.encode_captions(b['input_ids'].to(device))
-        embs.append(e.float().cpu()); lens.append(n.cpu())
-    return pad_token_batches(embs), torch.cat(lens)
+        embs.append(e.float().cpu()); lens.append(n.cpu()); index.append(b.get('caption_index'))
+    lens = torch.cat(lens)
+    if any(i is None for i in index): return pad_token_batches(embs), lens
+    rows = torch.cat(index).argsort().argsort()        # rank of each caption_index: its row (a shard's are contiguous)
+    return pad_token_batches(embs, rows), lens.new_empty(len(lens)).index_copy_(0, rows, lens)
 
 @torch.no_grad()
 def similarity_matrix(cross_net: nn.Module, img_embs: torch.Tensor, cap_embs: torch.Tensor, cap_lens: torch.Tensor,
@@ -71,9 +80,10 @@ def similarity_matrix(cross_net: nn.Module, img_embs: torch.Tensor, cap_embs: to
 
 # %% ../../nbs/53_eval.evaluate.ipynb #795455fd
 def shard_loader(loader: DataLoader, world_size: int, rank: int) -> DataLoader:
-    "A loader over rank's shard of `loader`'s dataset, cut at whole batches (each batch is one of `loader`'s)."
+    "A loader over rank's shard of `loader`'s dataset (whole batches of the split's order); a `LongestFirst` loader's shard reads longest first too."
     part = shard_range(len(loader.dataset), world_size, rank, loader.batch_size)
-    return DataLoader(Subset(loader.dataset, part), batch_size=loader.batch_size, num_workers=loader.num_workers,
+    sampler = loader.sampler.restrict(part) if isinstance(loader.sampler, LongestFirst) else None
+    return DataLoader(Subset(loader.dataset, part), batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 def score_split(model: nn.Module, image_loader, caption_loader, shard_size: int = 256,
