@@ -103,6 +103,15 @@ def test_same_seed_same_files_other_seed_differs(tmp_path, small):
     assert h0.keys() == h2.keys() and sum(h0[k] != h2[k] for k in h0) > N_IMAGES
 
 
+def test_rendering_in_processes_writes_the_same_files(tmp_path, small, capsys):
+    "Each image draws from its own seed: two (or three) rendering processes write the files of one, byte for byte."
+    generate_synthetic(tmp_path / 'two', seed=0, workers=2, **SMALL)
+    assert tree_hash(tmp_path / 'two') == tree_hash(small / 'synthetic')
+    flags = [f'--{k}={v}' for k, v in SMALL.items()]
+    assert main(['data', 'synthetic', '--out', str(tmp_path / 'three'), '--workers', '3', *flags]) == 0
+    assert tree_hash(tmp_path / 'three') == tree_hash(small / 'synthetic')
+
+
 def test_reads_back_through_the_reader_ids_unique(small):
     sizes, ids = {}, []
     for split in SPLITS:
@@ -285,6 +294,9 @@ def test_cli_atomic_skip_and_refusals(tmp_path, capsys):
     assert main(['data', 'synthetic', '--out', str(out), '--n_train', '5']) == 2
     assert main(['data', 'synthetic', '--out', str(out), '--test_probe_pairs', '0']) == 2
     assert 'test_probe_pairs must be a positive number' in capsys.readouterr().err
+    assert main(['data', 'synthetic', '--out', str(out), '--workers', '-1']) == 2
+    assert capsys.readouterr().err.strip() == ("laps data synthetic: error: --workers must be 0 (one process per CPU core) "
+                                               "or a positive number, got -1")
     (tmp_path / 'mine').mkdir(); (tmp_path / 'mine' / 'notes.txt').write_text('keep')
     assert main(['data', 'synthetic', *['--out', str(tmp_path / 'mine')] + args[2:]]) == 2
     assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep'

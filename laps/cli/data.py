@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # %% ../../nbs/95_cli.data.ipynb #0d06a451
 def synthetic(args: argparse.Namespace) -> int:
     "`laps data synthetic ...`: generate the synthetic benchmark; returns the exit status."
+    if args.workers < 0:
+        print(f"laps data synthetic: error: --workers must be 0 (one process per CPU core) or a positive number, got {args.workers}",
+              file=sys.stderr); return 2
     try:
         s = generate_synthetic(out=args.out, seed=args.seed, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test,
                                img_size=args.img_size, force=args.force, dev_probe_pairs=args.dev_probe_pairs,

@@ -3,8 +3,9 @@
 Usage (from the repository root, after `make demo`'s data exists):
     python reports/demo/make_baselines.py RUN_DIR...
 Each RUN_DIR was trained with `laps train --preset cpu --data_path DATA --similarity_calc_method M` and
-evaluated with `laps eval RUN_DIR --split test` (which writes RUN_DIR/metrics_test.json). The table records, per run, its
-command and commit (from RUN_DIR/commands.jsonl), test rsum with its 95% interval and the probe means per kind.
+evaluated as `make demo` evaluates, `laps eval RUN_DIR --split test --precision bf16` (which writes
+RUN_DIR/metrics_test.json with its command). The table records, per run, the training command and commit (from
+RUN_DIR/commands.jsonl), the evaluation command and commit, test rsum with its 95% interval and the probe means per kind.
 `make demo` prints the Markdown file beside its own tables.
 """
 import json, sys
@@ -18,6 +19,7 @@ def run_row(run: Path) -> dict:
     mp = m['minimal_pairs']
     return dict(run=str(run), method=cfg['similarity_calc_method'], cls=cfg['use_cls_as_glob_embd'],
                 command='laps ' + ' '.join(train['argv'][1:]), commit=train['commit'], seed=cfg['seed'],
+                eval_command='laps ' + ' '.join(m['command']['argv'][1:]), eval_commit=m['command']['commit'],
                 rsum=m['rsum'], rsum_ci95=m['rsum_ci95'], mean=mp['overall']['mean'], mean_ci95=mp['overall']['mean_ci95'],
                 kinds={k: v['mean'] for k, v in mp['kinds'].items()})
 
@@ -33,7 +35,8 @@ def main(argv):
         name = r['method'] + (' ([CLS] tokens)' if r['method'] == 'global' and r['cls'] else ' (mean-pooled)' if r['method'] == 'global' else '')
         lines.append(f"| `{name}` | {r['rsum']:.1f} [{r['rsum_ci95'][0]:.1f}, {r['rsum_ci95'][1]:.1f}] | {r['mean']:.1f} "
                      f"[{r['mean_ci95'][0]:.1f}, {r['mean_ci95'][1]:.1f}] | " + ' | '.join(f"{r['kinds'][k]:.1f}" for k in kinds) + ' |')
-    lines += [''] + [f"- `{r['method']}`: `{r['command']}`, then `laps eval RUN --split test`; commit {r['commit']}" for r in rows]
+    lines += [''] + [f"- `{r['method']}`: `{r['command']}` (commit {r['commit']}), then `{r['eval_command']}` "
+                     f"(commit {r['eval_commit']})" for r in rows]
     (out / 'baselines.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
