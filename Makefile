@@ -6,7 +6,7 @@
 #   make demo        synthetic benchmark v3: generate, fine-tune the cpu preset (the final framework, from the pretrained
 #                    laps/conv-vit-synth and MiniLM), evaluate on test and the test probes (per-kind minimal-pair table
 #                    beside the bag-of-words oracle), then print the recorded dense and global baselines of the same budget
-#                    (17 min 24 s on a fresh clone of the 2-core machine at 0c9770f; the measured numbers are in README.md)
+#                    (12 min 47 s with install on a fresh clone of the 2-core machine at 917c585; the numbers are in README.md)
 #   make bench       reference vs fast similarity engine (laps bench)
 #   make pretrain    rebuild the built-in vision backbone laps/conv-vit-synth (laps/weights/conv-vit-synth: weights,
 #                    model card, pretrain.json) by caption-free multi-label pretraining on synthetic scenes
